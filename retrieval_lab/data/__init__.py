@@ -1,0 +1,1 @@
+"""Data: BEIR loading and validation, training pairs, the DataModule."""

@@ -1,0 +1,209 @@
+"""Load and validate data sets in BEIR layout.
+
+A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``)
+and ``qrels/{split}.tsv`` (``query-id``, ``corpus-id``, ``score`` with a header line). Every reader here
+stops at the first problem with a :class:`DataError` whose message names the file and line.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from retrieval_lab.errors import DataError
+
+Qrels = dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+
+    @property
+    def full_text(self) -> str:
+        """Title and text joined by a space: what the retrievers index."""
+        return f"{self.title} {self.text}".strip()
+
+
+@dataclass
+class BeirSplit:
+    """The corpus, the queries judged in one split and that split's judgements."""
+
+    corpus: dict[str, Document]
+    queries: dict[str, str]
+    qrels: Qrels
+
+
+def _require_file(path: Path, hint: str = "") -> None:
+    if not path.is_file():
+        raise DataError(f"{path} not found{hint}.")
+
+
+def _lines(path: Path, start: int = 1):
+    """Yield (line number, text) of a UTF-8 file, naming the line of any byte that is not UTF-8."""
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=start):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path} line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start}).") from None
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]):
+    """Yield (line number, record) for each non-blank line, checking JSON syntax and required fields."""
+    _require_file(path)
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {lineno} is not valid JSON ({err.msg}).") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {lineno} is a JSON {type(record).__name__}, not an object.")
+        for field in required:
+            if field not in record:
+                raise DataError(f"{path} line {lineno} has no '{field}' field.")
+        yield lineno, record
+
+
+def _id_of(record: dict, path: Path, lineno: int) -> str:
+    value = record["_id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
+        raise DataError(f"{path} line {lineno} has an empty or non-scalar '_id' ({value!r}).")
+    return str(value)
+
+
+def _text_of(record: dict, field: str, path: Path, lineno: int, default: str | None = None) -> str:
+    value = record.get(field, default)
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise DataError(f"{path} line {lineno}: '{field}' must be a string, not {type(value).__name__}.")
+    return value
+
+
+def load_corpus(path: str | Path) -> dict[str, Document]:
+    path = Path(path)
+    corpus: dict[str, Document] = {}
+    first_line: dict[str, int] = {}
+    for lineno, record in _read_jsonl(path, ("_id", "text")):
+        doc_id = _id_of(record, path, lineno)
+        if doc_id in corpus:
+            raise DataError(f"{path} line {lineno} repeats document id '{doc_id}' (first seen on line {first_line[doc_id]}).")
+        doc = Document(_text_of(record, "title", path, lineno, ""), _text_of(record, "text", path, lineno))
+        if not doc.full_text:
+            raise DataError(f"{path} line {lineno}: document '{doc_id}' has neither title nor text.")
+        corpus[doc_id] = doc
+        first_line[doc_id] = lineno
+    if not corpus:
+        raise DataError(f"{path} holds no documents.")
+    return corpus
+
+
+def load_queries(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    queries: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for lineno, record in _read_jsonl(path, ("_id", "text")):
+        qid = _id_of(record, path, lineno)
+        if qid in queries:
+            raise DataError(f"{path} line {lineno} repeats query id '{qid}' (first seen on line {first_line[qid]}).")
+        text = _text_of(record, "text", path, lineno)
+        if not text.strip():
+            raise DataError(f"{path} line {lineno}: query '{qid}' has empty text.")
+        queries[qid] = text
+        first_line[qid] = lineno
+    if not queries:
+        raise DataError(f"{path} holds no queries.")
+    return queries
+
+
+def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | None = None) -> Qrels:
+    """Read a qrels TSV; with ``corpus``/``queries`` given, every id it names must exist in them."""
+    path = Path(path)
+    _require_file(path)
+    qrels: Qrels = {}
+    lines = _lines(path)
+    _, header = next(lines, (1, ""))
+    if not header.strip():
+        raise DataError(f"{path} is empty (expected the header line 'query-id, corpus-id, score').")
+    columns = header.rstrip("\n").rstrip("\r").split("\t")
+    if len(columns) != 3 or columns[2].strip() != "score":
+        raise DataError(f"{path} line 1 must be the header 'query-id<TAB>corpus-id<TAB>score', got {header.strip()!r}.")
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        fields = line.rstrip("\n").rstrip("\r").split("\t")
+        if len(fields) != 3:
+            raise DataError(f"{path} line {lineno} has {len(fields)} tab-separated fields, expected 3.")
+        qid, doc_id, score_text = (f.strip() for f in fields)
+        try:
+            score = int(float(score_text))
+        except (ValueError, OverflowError):
+            raise DataError(f"{path} line {lineno}: score {score_text!r} is not a finite number.") from None
+        if queries is not None and qid not in queries:
+            raise DataError(f"{path} line {lineno} names query id '{qid}', which is not in queries.jsonl.")
+        if corpus is not None and doc_id not in corpus:
+            raise DataError(f"{path} line {lineno} names corpus id '{doc_id}', which is not in corpus.jsonl.")
+        if doc_id in qrels.get(qid, {}):
+            raise DataError(f"{path} line {lineno} judges the pair ('{qid}', '{doc_id}') a second time.")
+        qrels.setdefault(qid, {})[doc_id] = score
+    if not qrels:
+        raise DataError(f"{path} holds no judgements.")
+    return qrels
+
+
+def available_splits(folder: str | Path) -> list[str]:
+    return sorted(p.stem for p in (Path(folder) / "qrels").glob("*.tsv"))
+
+
+def qrels_path(folder: str | Path, split: str) -> Path:
+    path = Path(folder) / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        found = ", ".join(available_splits(folder)) or "none"
+        raise DataError(f"{path} not found: data set {folder} has no '{split}' split (available: {found}).")
+    return path
+
+
+def check_folder(folder: str | Path) -> None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} not found (run `make data` or set data.path to a BEIR folder).")
+
+
+class BeirDataset:
+    """A BEIR folder: the corpus and queries are read once, qrels per split on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        check_folder(self.path)
+        self.corpus = load_corpus(self.path / "corpus.jsonl")
+        self.queries = load_queries(self.path / "queries.jsonl")
+
+    def qrels(self, split: str) -> Qrels:
+        return load_qrels(qrels_path(self.path, split), self.corpus, self.queries)
+
+    def split(self, split: str) -> BeirSplit:
+        qrels = self.qrels(split)
+        return BeirSplit(self.corpus, {qid: self.queries[qid] for qid in qrels}, qrels)
+
+
+def carve_dev(qrels: Qrels, fraction: float, seed: int) -> tuple[Qrels, Qrels]:
+    """Split a qrels dict by query into (train, dev), ``fraction`` of the queries going to dev.
+
+    The split depends only on the query ids and the seed, so every run with the same seed agrees.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"data.dev_fraction must lie strictly between 0 and 1, got {fraction}.")
+    qids = sorted(qrels)
+    random.Random(seed).shuffle(qids)
+    n_dev = max(1, round(len(qids) * fraction))
+    dev_ids = set(qids[:n_dev])
+    train = {q: r for q, r in qrels.items() if q not in dev_ids}
+    dev = {q: r for q, r in qrels.items() if q in dev_ids}
+    if not train:
+        raise DataError(f"data.dev_fraction={fraction} leaves no training queries out of {len(qids)}.")
+    return train, dev

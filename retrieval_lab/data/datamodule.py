@@ -1,0 +1,46 @@
+"""One LightningDataModule for every training method: it batches (query, document group) examples."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+
+class GroupCollator:
+    """Tokenise a list of examples into the batch layout of DESIGN.md.
+
+    ``mask[i, j]`` is True when document column j is a judged positive of query i other than its own target
+    column i*G (the same abstract can be the positive of several queries): such columns are no negatives.
+    """
+
+    def __init__(self, tokenizer, query_max_length: int, doc_max_length: int):
+        self.tokenizer, self.query_max_length, self.doc_max_length = tokenizer, query_max_length, doc_max_length
+
+    def _tokenize(self, texts, max_length):
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    def __call__(self, examples: list[dict]) -> dict:
+        group = len(examples[0]["docs"])
+        doc_ids = [d for ex in examples for d in ex["doc_ids"]]
+        mask = torch.tensor([[d in ex["positives"] for d in doc_ids] for ex in examples], dtype=torch.bool)
+        mask[torch.arange(len(examples)), torch.arange(len(examples)) * group] = False
+        return {
+            "query": self._tokenize([ex["query"] for ex in examples], self.query_max_length),
+            "docs": self._tokenize([t for ex in examples for t in ex["docs"]], self.doc_max_length),
+            "mask": mask,
+            "qids": [ex["qid"] for ex in examples],
+            "doc_ids": doc_ids,
+        }
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    def __init__(self, train_set, collator: GroupCollator, batch_size: int = 32, num_workers: int = 0):
+        super().__init__()
+        self.train_set, self.collator, self.batch_size, self.num_workers = train_set, collator, batch_size, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None and hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.trainer.current_epoch)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
+                          collate_fn=self.collator, num_workers=self.num_workers,
+                          persistent_workers=False)

@@ -1,0 +1,66 @@
+"""Put a BEIR data set in place: download it from its public address, or copy a local folder when offline."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from retrieval_lab.data.beir import BeirDataset, available_splits
+from retrieval_lab.errors import DataError
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+
+
+def validate(folder: Path) -> str:
+    """Read every file of a BEIR folder (raising DataError on the first fault); return a one-line summary."""
+    data = BeirDataset(folder)
+    splits = available_splits(folder)
+    if not splits:
+        raise DataError(f"{folder}/qrels holds no <split>.tsv file.")
+    sizes = ", ".join(f"{s}: {len(data.qrels(s))} queries" for s in splits)
+    return f"{folder}: {len(data.corpus)} documents, {len(data.queries)} queries ({sizes})"
+
+
+def _download(name: str, workdir: Path) -> Path:
+    url = BEIR_URL.format(name=name)
+    archive = workdir / f"{name}.zip"
+    try:
+        from tqdm import tqdm
+
+        with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as err:
+        raise DataError(f"could not download {url} ({err}); offline, pass --source with a local BEIR folder.") from None
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(workdir / "unzipped")
+    found = [p.parent for p in (workdir / "unzipped").rglob("corpus.jsonl")]
+    if len(found) != 1:
+        raise DataError(f"{url} does not unpack to one BEIR folder.")
+    return found[0]
+
+
+def fetch(name: str, dest: str | Path = "data", source: str | Path | None = None, force: bool = False) -> Path:
+    """Make ``dest/name`` a validated BEIR folder, from ``source`` if given, else from the BEIR download address."""
+    target = Path(dest) / name
+    if target.exists() and not force:
+        print(validate(target))
+        print(f"{target} already present (use --force to replace it).")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
+        tmp = Path(tmp)
+        origin = Path(source) if source else _download(name, tmp)
+        summary = validate(origin)  # nothing is put in place unless the source is sound
+        staged = tmp / "staged"
+        shutil.copytree(origin, staged, ignore=shutil.ignore_patterns("*.zip"))
+        if target.exists():
+            shutil.rmtree(target)
+        staged.rename(target)  # appears whole or not at all
+    print(summary.replace(str(origin), str(target), 1))
+    return target

@@ -1,0 +1,1 @@
+"""Models: the encoder and the LightningModules that train it."""

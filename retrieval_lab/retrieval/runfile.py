@@ -1,0 +1,51 @@
+"""TREC run files and JSON outputs, written atomically (temporary name, then rename)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from retrieval_lab.errors import DataError
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str = "retrieval_lab") -> None:
+    """``qid Q0 docid rank score tag``, ranks from 1 in descending score order."""
+    lines = []
+    for qid in sorted(run):
+        ranked = sorted(run[qid].items(), key=lambda item: (-item[1], item[0]))
+        lines.extend(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}" for rank, (doc, score) in enumerate(ranked, 1))
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"run file {path} not found.")
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 6:
+                raise DataError(f"{path} line {lineno} has {len(fields)} fields, a TREC run line has 6.")
+            try:
+                run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+            except ValueError:
+                raise DataError(f"{path} line {lineno}: score {fields[4]!r} is not a number.") from None
+    return run
