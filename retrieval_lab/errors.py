@@ -17,11 +17,23 @@ class ConfigError(UserError):
     """A configuration value or combination that cannot work."""
 
 
+def find_user_error(err: BaseException | None) -> UserError | None:
+    """The UserError behind ``err``, also when a library (e.g. Hydra's instantiate) wrapped it."""
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextmanager
 def exit_on_user_error():
     """Turn a UserError into one line on stderr and exit status 2 (no stack trace)."""
     try:
         yield
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr, flush=True)
         sys.exit(2)

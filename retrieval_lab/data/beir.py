@@ -187,7 +187,10 @@ class BeirDataset:
         return load_qrels(qrels_path(self.path, split), self.corpus, self.queries)
 
     def split(self, split: str) -> BeirSplit:
-        qrels = self.qrels(split)
+        return self.subset(self.qrels(split))
+
+    def subset(self, qrels: Qrels) -> BeirSplit:
+        """The corpus with the queries judged in ``qrels``."""
         return BeirSplit(self.corpus, {qid: self.queries[qid] for qid in qrels}, qrels)
 
 

@@ -50,9 +50,15 @@ def build_index(embeddings: np.ndarray, index: str = "flat"):
 
 
 class DenseRetriever:
+    """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one."""
+
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None:
+            self.encoder.to(device)
         self.device = device
 
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:

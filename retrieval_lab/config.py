@@ -1,0 +1,57 @@
+"""Config helpers: OmegaConf resolvers, start-up checks of impossible combinations, run metadata."""
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from retrieval_lab.errors import ConfigError
+
+
+def _precision() -> str:
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+OmegaConf.register_new_resolver("auto_precision", _precision, replace=True)
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # Hydra's INFO logging would print faiss's CPU probe
+
+
+def require(cfg: DictConfig, key: str, ok: bool, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} {why}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Refuse, with one sentence, the settings that cannot work together."""
+    for key in ("data.path", "model.name_or_path", "batch_size", "loss.temperature", "optim.lr"):
+        if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
+            raise ConfigError(f"config key {key} must be set.")
+    group = cfg.negatives.group_size
+    require(cfg, "batch_size", cfg.batch_size >= 1, "must be at least 1.")
+    require(cfg, "batch_size", group > 1 or cfg.batch_size >= 2,
+            "leaves no negative: in-batch negatives need batch_size >= 2 (or a negatives group with group_size > 1).")
+    require(cfg, "optim.lr", cfg.optim.lr > 0, "must be positive.")
+    require(cfg, "optim.warmup_ratio", 0 <= cfg.optim.warmup_ratio < 1, "must lie in [0, 1).")
+    require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
+    require(cfg, "trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0,
+            "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
+    if cfg.data.get("dev_split") is None and cfg.validation.enabled:
+        require(cfg, "data.dev_fraction", 0 < cfg.data.dev_fraction < 1,
+                "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")
+
+
+def git_commit() -> dict:
+    """The commit of the code that ran, and whether the work tree had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}

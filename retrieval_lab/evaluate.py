@@ -1,0 +1,42 @@
+"""Evaluate a retriever on a BEIR split: `python -m retrieval_lab.evaluate [model.name_or_path=...] [retriever=bm25]`.
+
+Writes ``run.trec`` and ``metrics.json`` into the run directory and prints the metrics.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.errors import exit_on_user_error
+from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
+from retrieval_lab.retrieval.runfile import write_json
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    split = BeirDataset(cfg.data.path).split(cfg.split)
+    retriever = instantiate(cfg.retriever)
+    name = Path(cfg.retriever._target_).suffix.lstrip(".")
+    scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name)
+    write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
+                                          "model": cfg.model.name_or_path if "encoder" in cfg.retriever else None,
+                                          "metrics": scores, **config.git_commit()})
+    print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
+    print(f"run file and metrics.json in {run_dir}")
+    return scores
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Train a dense retriever: `python -m retrieval_lab.train loss=... negatives=... [key=value ...]`.
+
+Evaluates on the test split before and after training (by default), saves the model, and writes
+``metrics.json``, the run files, CSV and W&B logs into the run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from retrieval_lab import config
+from retrieval_lab.callbacks import RetrievalValidation
+from retrieval_lab.data.beir import BeirDataset, carve_dev
+from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
+from retrieval_lab.errors import exit_on_user_error
+from retrieval_lab.retrieval.dense import DenseRetriever
+from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
+from retrieval_lab.retrieval.runfile import write_json
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(run_dir, name="csv", version=""))
+    if cfg.logger.wandb.enabled:
+        wb = cfg.logger.wandb
+        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, tags=list(wb.tags),
+                                   save_dir=str(run_dir), offline=wb.mode == "offline", name=run_dir.name))
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict:
+    config.check_train_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+
+    dataset = BeirDataset(cfg.data.path)
+    train_qrels = dataset.qrels(cfg.data.train_split)
+    if cfg.data.dev_split:
+        dev_qrels = dataset.qrels(cfg.data.dev_split)
+    elif cfg.validation.enabled:
+        train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.seed)
+    test = dataset.split(cfg.eval.split)
+
+    encoder = instantiate(cfg.model)
+    group_size = cfg.negatives.group_size
+    module = instantiate(cfg.negatives.module)(encoder=encoder, loss=instantiate(cfg.loss), group_size=group_size,
+                                               **cfg.optim)
+    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed)
+    collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
+    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers)
+
+    info = {"run_dir": str(run_dir), **config.git_commit(), "train_queries": len(train_set)}
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}
+    write_json(run_dir / "run_info.json", hparams)
+
+    def test_eval(name: str) -> dict:
+        retriever = DenseRetriever(encoder, cfg.eval.batch_size, cfg.eval.index, device="auto")
+        return evaluate_retriever(retriever, test, run_dir / name / "run.trec", cfg.eval.k, list(cfg.eval.metrics),
+                                  tag=name)
+
+    results = {}
+    if cfg.eval.before:
+        results["before"] = test_eval("before")
+        print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
+
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+                 L.pytorch.callbacks.LearningRateMonitor()]
+    if cfg.validation.enabled:
+        callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))
+    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir, hparams), callbacks=callbacks,
+                          default_root_dir=str(run_dir))
+    trainer.fit(module, datamodule=datamodule)
+    if cfg.save_model:
+        encoder.save(run_dir / "model")
+
+    if cfg.eval.after:
+        results["after"] = test_eval("after")
+    for logger in trainer.loggers:
+        logger.log_metrics({f"test/{stage}/{m}": v for stage, s in results.items() for m, v in s.items()},
+                           step=trainer.global_step)
+        logger.finalize("success")
+    write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split, **results,
+                                          "steps": trainer.global_step, **config.git_commit()})
+    if results:
+        print_table(results, list(cfg.eval.metrics), title=f"{cfg.data.name} {cfg.eval.split}")
+    print(f"outputs in {run_dir}" + (f" (model: {run_dir / 'model'})" if cfg.save_model else ""))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()

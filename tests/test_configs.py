@@ -1,0 +1,70 @@
+"""Every config option composes; impossible settings are refused with one sentence."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, run_module
+from retrieval_lab import config
+from retrieval_lab.errors import ConfigError
+
+CONF = ROOT / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+
+
+PRIMARY_GROUPS = {"train": {"data", "model", "pairs", "negatives", "loss", "trainer", "logger"},
+                  "evaluate": {"data", "model", "retriever"}}
+
+
+def options(primary):
+    return [(group, option) for group, names in GROUPS.items() for option in names if group in PRIMARY_GROUPS[primary]]
+
+
+@pytest.mark.parametrize("primary", ["train", "evaluate"])
+def test_every_group_option_composes(primary):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for group, option in options(primary):
+            cfg = compose(config_name=primary, overrides=[f"{group}={option}", "data.path=/x", "model.name_or_path=m"],
+                          return_hydra_config=True)
+            assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("experiment", GROUPS.get("experiment", []))
+def test_every_experiment_composes_and_passes_the_checks(experiment):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        config.check_train_config(cfg)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("batch_size=1", "batch_size"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
+    ("data.dev_fraction=0", "data.dev_fraction"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+])
+def test_impossible_settings_are_refused(override, key):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[override], return_hydra_config=True)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config.check_train_config(cfg)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.name_or_path=./missing/model"], "model path ./missing/model does not exist"),
+    (["batch_size=1"], "batch_size=1"),
+    (["data.path=/nonexistent/beir"], "data folder /nonexistent/beir not found"),
+    (["eval.split=dev"], "no 'dev' split"),
+    (["loss.temperature=-1"], "loss.temperature"),
+])
+def test_train_entry_point_exits_with_one_sentence(args, needle, beir_folder, tmp_path):
+    base = {"data.path": f"data.path={beir_folder}"}
+    overrides = [a for k, a in base.items() if not any(x.startswith(k) for x in args)]
+    result = run_module("retrieval_lab.train", "data=beir", *overrides, *args, "logger=csv",
+                        f"hydra.run.dir={tmp_path}", "eval.before=false")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and needle in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,70 @@
+"""Encoder: pooling against hand computation, towers, shared projection, model paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.encoder import Encoder, pool, resolve_model_path
+
+
+def test_mean_pooling_ignores_padding():
+    hidden = torch.arange(24, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = pool(hidden, mask, "mean")
+    assert torch.equal(out[0], (hidden[0, 0] + hidden[0, 1]) / 2)
+    assert torch.equal(out[1], hidden[1].mean(0))
+    assert torch.equal(pool(hidden, mask, "cls"), hidden[:, 0])
+
+
+def test_padding_does_not_change_an_embedding(tiny_model):
+    enc = Encoder(str(tiny_model)).eval()
+    with torch.no_grad():
+        alone = enc.encode_docs(enc.tokenize(["protein cancer"], "doc"))
+        padded = enc.encode_docs(enc.tokenize(["protein cancer", "a much longer text with many more words in it"], "doc"))
+    assert torch.allclose(alone[0], padded[0], atol=1e-5)
+    assert torch.allclose(alone.norm(dim=-1), torch.ones(1))
+
+
+def test_asymmetric_towers_with_shared_projection(tiny_model):
+    enc = Encoder(str(tiny_model), shared_towers=False, projection_dim=16, normalize=False)
+    assert enc.dim == 16 and enc.doc_model is not enc.query_model
+    batch = enc.tokenize(["protein cancer"], "query")
+    q, d = enc.encode_queries(batch), enc.encode_docs(batch)
+    assert torch.allclose(q, d)  # both towers start from the same weights
+    (q.sum() - d.sum()).backward()
+    assert enc.projection.weight.grad is not None  # the projection is shared by both sides
+    q_grad = next(enc.query_model.parameters()).grad
+    d_grad = next(enc.doc_model.parameters()).grad
+    assert q_grad is not None and d_grad is not None and not torch.allclose(q_grad, d_grad)
+
+
+def test_asymmetric_save_writes_one_folder_per_tower(tiny_model, tmp_path):
+    enc = Encoder(str(tiny_model), shared_towers=False, projection_dim=16)
+    enc.save(tmp_path / "m")
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(tmp_path / "m" / "doc"), device="cpu")
+    with torch.no_grad():
+        ours = enc.eval().encode_docs(enc.tokenize(["gene cell brain"], "doc"))
+    assert torch.allclose(torch.tensor(st.encode(["gene cell brain"])), ours, atol=1e-5)
+
+
+def test_packaged_model_resolves_to_a_folder():
+    assert (resolve_model_path("packaged:minilm").endswith("model"))
+
+
+@pytest.mark.parametrize("name,match", [("./no/such/model", "does not exist"), ("/tmp/none/at/all", "does not exist")])
+def test_missing_model_path_is_one_clear_error(name, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve_model_path(name)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_unknown_pooling_is_refused(tiny_model):
+    with pytest.raises(ConfigError, match="model.pooling"):
+        Encoder(str(tiny_model), pooling="max")

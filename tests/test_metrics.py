@@ -1,0 +1,89 @@
+"""Metrics equal trec_eval's definitions, computed here independently on a small fixture."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from retrieval_lab.retrieval.metrics import evaluate_run
+from retrieval_lab.retrieval.runfile import read_trec_run, write_trec_run
+
+QRELS = {
+    "q1": {"d1": 1, "d4": 2, "d9": 1},        # graded relevance
+    "q2": {"d2": 1, "d7": 0},                 # a judged non-relevant document (score 0)
+    "q3": {"d3": 1},                          # nothing relevant retrieved
+    "q4": {"d5": 1},                          # absent from the run: scores 0
+}
+RUN = {
+    "q1": {"d4": 9.0, "d2": 8.0, "d1": 7.0, "d8": 6.0, "d6": 5.0, "d3": 4.5, "d5": 4.0, "d7": 3.0, "d10": 2.0,
+           "d11": 1.5, "d9": 1.0},       # d9 (relevant) at rank 11: outside the top 10
+    "q2": {"d7": 3.0, "d3": 2.0, "d2": 1.0},
+    "q3": {"d1": 2.0, "d2": 1.0},
+}
+
+
+def ranking(qid):
+    return [d for d, _ in sorted(RUN.get(qid, {}).items(), key=lambda x: -x[1])]
+
+
+def relevant(qid):
+    return {d: r for d, r in QRELS[qid].items() if r > 0}
+
+
+def ndcg(qid, k):  # trec_eval ndcg_cut: gain = relevance grade, discount log2(rank + 1)
+    rels = relevant(qid)
+    dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranking(qid)[:k]))
+    ideal = sorted(rels.values(), reverse=True)[:k]
+    return dcg / sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+
+
+def recall(qid, k):
+    return len(set(ranking(qid)[:k]) & set(relevant(qid))) / len(relevant(qid))
+
+
+def rr(qid, k):
+    for i, d in enumerate(ranking(qid)[:k]):
+        if d in relevant(qid):
+            return 1 / (i + 1)
+    return 0.0
+
+
+def precision(qid, k):
+    return len(set(ranking(qid)[:k]) & set(relevant(qid))) / k
+
+
+def ap(qid, k):
+    hits, total = 0, 0.0
+    for i, d in enumerate(ranking(qid)[:k]):
+        if d in relevant(qid):
+            hits += 1
+            total += hits / (i + 1)
+    return total / len(relevant(qid))
+
+
+def mean(fn, k):
+    return sum(fn(q, k) for q in QRELS) / len(QRELS)
+
+
+def test_hand_computed_values_for_q1():
+    # q1: d4 (grade 2) at rank 1, d1 (grade 1) at rank 3, d9 (grade 1) at rank 11.
+    dcg10 = 2 / math.log2(2) + 1 / math.log2(4)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg("q1", 10) == pytest.approx(dcg10 / idcg)
+    assert recall("q1", 10) == pytest.approx(2 / 3) and recall("q1", 100) == 1.0
+    assert ap("q1", 100) == pytest.approx((1 / 1 + 2 / 3 + 3 / 11) / 3)
+
+
+@pytest.mark.parametrize("name,fn,k", [("ndcg@10", ndcg, 10), ("ndcg@3", ndcg, 3), ("recall@100", recall, 100),
+                                       ("recall@10", recall, 10), ("mrr@10", rr, 10), ("precision@10", precision, 10),
+                                       ("map@100", ap, 100)])
+def test_metric_matches_trec_eval_definition(name, fn, k):
+    assert evaluate_run(QRELS, RUN, [name])[name] == pytest.approx(mean(fn, k), abs=1e-9)
+
+
+def test_run_file_round_trip_is_trec_format(tmp_path):
+    path = tmp_path / "run.trec"
+    write_trec_run(RUN, path, tag="x")
+    first = path.read_text().splitlines()[0].split()
+    assert first == ["q1", "Q0", "d4", "1", "9.000000", "x"]
+    assert read_trec_run(path) == RUN
