@@ -58,6 +58,8 @@ def test_impossible_settings_are_refused(override, key):
     (["data.path=/nonexistent/beir"], "data folder /nonexistent/beir not found"),
     (["eval.split=dev"], "no 'dev' split"),
     (["loss.temperature=-1"], "loss.temperature"),
+    (["model.name_or_path=no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model'"),
+    (["model.pooling=max"], "model.pooling must be one of mean, cls"),
 ])
 def test_train_entry_point_exits_with_one_sentence(args, needle, beir_folder, tmp_path):
     base = {"data.path": f"data.path={beir_folder}"}

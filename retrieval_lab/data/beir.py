@@ -85,39 +85,38 @@ def _text_of(record: dict, field: str, path: Path, lineno: int, default: str | N
     return value
 
 
+def _records_by_id(path: Path, kind: str, kinds: str):
+    """Yield (line number, id, record) from a JSONL file with ``_id`` and ``text``, refusing repeated ids."""
+    first_line: dict[str, int] = {}
+    for lineno, record in _read_jsonl(path, ("_id", "text")):
+        record_id = _id_of(record, path, lineno)
+        if record_id in first_line:
+            raise DataError(f"{path} line {lineno} repeats {kind} id '{record_id}' (first seen on line {first_line[record_id]}).")
+        first_line[record_id] = lineno
+        yield lineno, record_id, record
+    if not first_line:
+        raise DataError(f"{path} holds no {kinds}.")
+
+
 def load_corpus(path: str | Path) -> dict[str, Document]:
     path = Path(path)
     corpus: dict[str, Document] = {}
-    first_line: dict[str, int] = {}
-    for lineno, record in _read_jsonl(path, ("_id", "text")):
-        doc_id = _id_of(record, path, lineno)
-        if doc_id in corpus:
-            raise DataError(f"{path} line {lineno} repeats document id '{doc_id}' (first seen on line {first_line[doc_id]}).")
+    for lineno, doc_id, record in _records_by_id(path, "document", "documents"):
         doc = Document(_text_of(record, "title", path, lineno, ""), _text_of(record, "text", path, lineno))
         if not doc.full_text:
             raise DataError(f"{path} line {lineno}: document '{doc_id}' has neither title nor text.")
         corpus[doc_id] = doc
-        first_line[doc_id] = lineno
-    if not corpus:
-        raise DataError(f"{path} holds no documents.")
     return corpus
 
 
 def load_queries(path: str | Path) -> dict[str, str]:
     path = Path(path)
     queries: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for lineno, record in _read_jsonl(path, ("_id", "text")):
-        qid = _id_of(record, path, lineno)
-        if qid in queries:
-            raise DataError(f"{path} line {lineno} repeats query id '{qid}' (first seen on line {first_line[qid]}).")
+    for lineno, qid, record in _records_by_id(path, "query", "queries"):
         text = _text_of(record, "text", path, lineno)
         if not text.strip():
             raise DataError(f"{path} line {lineno}: query '{qid}' has empty text.")
         queries[qid] = text
-        first_line[qid] = lineno
-    if not queries:
-        raise DataError(f"{path} holds no queries.")
     return queries
 
 

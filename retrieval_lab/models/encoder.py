@@ -41,26 +41,25 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _from_pretrained(auto_class, name_or_path: str, what: str):
+    path = resolve_model_path(name_or_path)
+    try:
+        return auto_class.from_pretrained(path)
+    except OSError as err:
+        raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, and the hub has no such "
+                          f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise ConfigError(f"could not load a tokenizer for model '{name_or_path}': no such local folder, and the hub "
-                          f"has no such model or cannot be reached ({str(err).splitlines()[0]}).") from None
+    return _from_pretrained(AutoTokenizer, name_or_path, "the tokenizer of model")
 
 
 def _load_backbone(name_or_path: str) -> nn.Module:
     from transformers import AutoModel
 
-    path = resolve_model_path(name_or_path)
-    try:
-        return AutoModel.from_pretrained(path)
-    except OSError as err:
-        raise ConfigError(f"could not load model '{name_or_path}': no such local folder, and the hub has no such "
-                          f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
+    return _from_pretrained(AutoModel, name_or_path, "model")
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

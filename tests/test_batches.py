@@ -1,0 +1,70 @@
+"""Training batches: the DESIGN.md layout, the false-negative mask, reproducible sampling; the LR schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from conftest import packaged_minilm
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.datamodule import GroupCollator
+from retrieval_lab.data.pairs import SupervisedPairs
+from retrieval_lab.errors import DataError
+from retrieval_lab.models.biencoder import linear_warmup_decay
+
+
+@pytest.fixture(scope="module")
+def shared_positive_data(tmp_path_factory):
+    """q1 and q2 share the positive d1; q1 also has d2."""
+    folder = tmp_path_factory.mktemp("shared")
+    (folder / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "title": "", "text": "doc {i}"}}\n' for i in range(4)))
+    (folder / "queries.jsonl").write_text("".join(f'{{"_id": "q{i}", "text": "query {i}"}}\n' for i in range(1, 4)))
+    (folder / "qrels").mkdir()
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t1\nq2\td1\t1\nq3\td3\t1\nq3\td0\t0\n")
+    return BeirDataset(folder)
+
+
+def test_batch_layout_and_false_negative_mask(shared_positive_data):
+    pairs = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"))
+    assert pairs.qids == ["q1", "q2", "q3"]
+    collate = GroupCollator(AutoTokenizer.from_pretrained(packaged_minilm()), 16, 32)
+    examples = [pairs[i] for i in range(3)]
+    batch = collate(examples)
+    assert batch["query"]["input_ids"].shape[0] == 3 and batch["docs"]["input_ids"].shape[0] == 3
+    assert batch["qids"] == ["q1", "q2", "q3"]
+    doc_ids = batch["doc_ids"]
+    for i, ex in enumerate(examples):
+        assert doc_ids[i] == ex["doc_ids"][0] and doc_ids[i] in pairs.positives[ex["qid"]]
+    expected = torch.tensor([[j != i and doc_ids[j] in pairs.positives[q] for j in range(3)]
+                             for i, q in enumerate(["q1", "q2", "q3"])])
+    assert torch.equal(batch["mask"], expected)
+    assert not batch["mask"].diagonal().any()  # a query's own target is never masked
+
+
+def test_positive_draw_is_reproducible_and_changes_with_epoch(shared_positive_data):
+    pairs = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), seed=3)
+    draws = []
+    for epoch in range(20):
+        pairs.set_epoch(epoch)
+        draws.append(pairs[0]["doc_ids"][0])
+    assert set(draws) == {"d1", "d2"}  # q1's two positives are both drawn over the epochs
+    pairs.set_epoch(5)
+    again = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), seed=3)
+    again.set_epoch(5)
+    assert [pairs[i]["doc_ids"] for i in range(3)] == [again[i]["doc_ids"] for i in range(3)]
+
+
+def test_zero_score_judgements_are_not_positives(shared_positive_data):
+    pairs = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"))
+    assert pairs.positives["q3"] == ["d3"]
+
+
+def test_group_size_above_one_without_negatives_is_refused(shared_positive_data):
+    with pytest.raises(DataError, match="group_size 1"):
+        SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), group_size=2)
+
+
+def test_linear_warmup_then_linear_decay():
+    f = linear_warmup_decay(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == 0.0
