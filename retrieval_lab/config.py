@@ -13,7 +13,9 @@ from retrieval_lab.errors import ConfigError
 def _precision() -> str:
     import torch
 
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    if not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"  # 16-mixed uses a loss scaler
 
 
 OmegaConf.register_new_resolver("auto_precision", _precision, replace=True)
@@ -39,6 +41,15 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
     require(cfg, "trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0,
             "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
+    if cfg.negatives.module._target_.endswith("MoCoModule"):
+        require(cfg, "model.shared_towers", cfg.model.shared_towers,
+                "cannot train with negatives=moco: the momentum key encoder follows the query tower, so a separate "
+                "document tower would never be trained.")
+        require(cfg, "loss.side", cfg.loss.get("side", "query") == "query",
+                "cannot train with negatives=moco: document-side same-tower negatives would be momentum keys, "
+                "which carry no gradient; use loss.side=query.")
+        require(cfg, "negatives.module.queue_size", cfg.negatives.module.queue_size >= 1, "must be at least 1.")
+        require(cfg, "negatives.module.momentum", 0 <= cfg.negatives.module.momentum < 1, "must lie in [0, 1).")
     if cfg.data.get("dev_split") is None and cfg.validation.enabled:
         require(cfg, "data.dev_fraction", 0 < cfg.data.dev_fraction < 1,
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")

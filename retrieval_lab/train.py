@@ -38,9 +38,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     return loggers
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, run_dir: Path) -> dict:
     config.check_train_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     L.seed_everything(cfg.seed, workers=True)
 
     dataset = BeirDataset(cfg.data.path)
@@ -59,7 +58,7 @@ def train(cfg: DictConfig) -> dict:
     collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
     datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers)
 
-    info = {"run_dir": str(run_dir), **config.git_commit(), "train_queries": len(train_set)}
+    info = {"run_dir": str(run_dir), **config.git_commit(), "train_examples": len(train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}
     write_json(run_dir / "run_info.json", hparams)
 
@@ -101,7 +100,7 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
-        train(cfg)
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from conftest import packaged_minilm
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator
 from retrieval_lab.data.pairs import SupervisedPairs
-from retrieval_lab.errors import DataError
+from retrieval_lab.errors import ConfigError
 from retrieval_lab.models.biencoder import linear_warmup_decay
 
 
@@ -60,7 +60,7 @@ def test_zero_score_judgements_are_not_positives(shared_positive_data):
 
 
 def test_group_size_above_one_without_negatives_is_refused(shared_positive_data):
-    with pytest.raises(DataError, match="group_size 1"):
+    with pytest.raises(ConfigError, match="group_size=1"):
         SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), group_size=2)
 
 

@@ -68,3 +68,9 @@ def test_folder_without_config_is_refused(tmp_path):
 def test_unknown_pooling_is_refused(tiny_model):
     with pytest.raises(ConfigError, match="model.pooling"):
         Encoder(str(tiny_model), pooling="max")
+
+
+def test_encoder_starts_in_training_mode(tiny_model):
+    """from_pretrained hands back eval mode; Lightning keeps whatever mode it finds, so dropout must be on."""
+    enc = Encoder(str(tiny_model))
+    assert enc.training and all(m.training for m in enc.modules())

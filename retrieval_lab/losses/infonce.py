@@ -4,9 +4,10 @@ van den Oord et al. (2018), "Representation Learning with Contrastive Predictive
 for retrieval as in Karpukhin et al. (2020), "Dense Passage Retrieval for Open-Domain Question Answering".
 
 With scores s_ij = q_i . d_j / tau over the B*G documents of the batch (group i holds d_{iG}, the positive of
-query i, then its G-1 negatives), the query-to-document loss is
+query i, then its G-1 negatives) and, under MoCo, the K queue keys k_m (s_im = q_i . k_m / tau), the
+query-to-document loss is
 
-    L_qd = -1/B sum_i log( exp(s_{i,iG}) / sum_j exp(s_ij) )
+    L_qd = -1/B sum_i log( exp(s_{i,iG}) / (sum_j exp(s_ij) + sum_m exp(s_im)) )
 
 and, when ``bidirectional``, the document-to-query term over the positives d+_i = d_{iG},
 
@@ -21,27 +22,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.scores import contrastive_scores
+
+
+def document_to_query(q: torch.Tensor, d: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L_dq: each positive document against every query of the batch."""
+    positives = d[targets]
+    reverse = (positives @ q.T).float() / temperature
+    if mask is not None:  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
+        reverse = reverse.masked_fill(mask[:, targets].T, float("-inf"))
+    return F.cross_entropy(reverse, torch.arange(q.size(0), device=q.device))
+
 
 class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.05, bidirectional: bool = False):
         super().__init__()
         if temperature <= 0:
-            from retrieval_lab.errors import ConfigError
-
             raise ConfigError(f"loss.temperature must be positive, got {temperature}.")
         self.temperature, self.bidirectional = temperature, bidirectional
 
-    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None):
-        batch = q.size(0)
-        targets = torch.arange(batch, device=q.device) * group_size
-        scores = (q @ d.T).float() / self.temperature
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
+    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
+                queue: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue)
         loss = F.cross_entropy(scores, targets)
-        if not self.bidirectional:
-            return loss
-        positives = d[targets]
-        reverse = (positives @ q.T).float() / self.temperature
-        if mask is not None:  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
-            reverse = reverse.masked_fill(mask[:, targets].T, float("-inf"))
-        return (loss + F.cross_entropy(reverse, torch.arange(batch, device=q.device))) / 2
+        if self.bidirectional:
+            loss = (loss + document_to_query(q, d, targets, self.temperature, mask)) / 2
+        return loss

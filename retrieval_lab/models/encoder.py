@@ -84,6 +84,7 @@ class Encoder(nn.Module):
         hidden = self.query_model.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
         self.tokenizer = load_tokenizer(self.name_or_path)
+        self.train()  # from_pretrained returns eval mode; training wants dropout on (Lightning keeps the mode it finds)
 
     @property
     def dim(self) -> int:

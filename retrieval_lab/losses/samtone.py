@@ -1,0 +1,58 @@
+"""SamToNe: contrastive loss with same-tower negatives.
+
+Moiseev et al. (2023), "SamToNe: Improving Contrastive Loss for Dual Encoder Retrieval Models with Same Tower
+Negatives", Findings of ACL 2023.
+
+InfoNCE's denominator for query i (in-batch documents d_j, and MoCo queue keys k_m when present) is extended
+with embeddings from the *same* tower as the anchor side:
+
+    L = -1/B sum_i log( exp(q_i.d+_i/tau) / ( sum_j exp(q_i.d_j/tau) + sum_m exp(q_i.k_m/tau)
+                                               + [query]    sum_{j != i} exp(q_i.q_j/tau)
+                                               + [document] sum_{j != i} exp(d+_i.d+_j/tau) ) )
+
+``side='query'`` (the paper's default) adds the other queries of the batch, ``side='document'`` the other
+positive documents, ``side='both'`` both; self-similarity is always excluded. ``bidirectional`` adds InfoNCE's
+document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower pairs that share a
+positive (``mask``) are dropped like in-batch false negatives.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.infonce import document_to_query
+from retrieval_lab.losses.scores import contrastive_scores
+
+SIDES = ("query", "document", "both")
+
+
+class SamToNeLoss(nn.Module):
+    def __init__(self, temperature: float = 0.05, side: str = "query", bidirectional: bool = False):
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"loss.temperature must be positive, got {temperature}.")
+        if side not in SIDES:
+            raise ConfigError(f"loss.side must be one of {', '.join(SIDES)}, got '{side}'.")
+        self.temperature, self.side, self.bidirectional = temperature, side, bidirectional
+
+    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
+                queue: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue)
+        batch = q.size(0)
+        # same-tower pair (i, j) is dropped on the diagonal and where query i's positive set holds j's positive
+        drop = torch.eye(batch, dtype=torch.bool, device=q.device)
+        if mask is not None:
+            drop = drop | mask[:, targets]
+        extra = []
+        if self.side in ("query", "both"):
+            extra.append((q @ q.T).float().masked_fill(drop, float("-inf")))
+        if self.side in ("document", "both"):
+            positives = d[targets]
+            extra.append((positives @ positives.T).float().masked_fill(drop, float("-inf")))
+        scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
+        loss = F.cross_entropy(scores, targets)
+        if self.bidirectional:
+            loss = (loss + document_to_query(q, d, targets, self.temperature, mask)) / 2
+        return loss

@@ -1,0 +1,56 @@
+"""Every pairs x negatives x loss combination trains through the real entry point code (tiny model, 2 steps)."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, run_module
+from retrieval_lab import config
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.train import train
+
+FAST = ["eval.before=false", "eval.after=false", "validation.enabled=false", "logger=csv", "save_model=false",
+        "trainer.max_steps=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "batch_size=4", "negatives.module.queue_size=6"]
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("pairs,negatives,loss", list(itertools.product(["supervised", "cropping", "ict"],
+                                                                         ["inbatch", "moco"], ["infonce", "samtone"])))
+def test_combination_trains(pairs, negatives, loss, tiny_model, beir_folder, tmp_path):
+    overrides = [f"pairs={pairs}", f"negatives={negatives}", f"loss={loss}", "data=beir", f"data.path={beir_folder}",
+                 f"model.name_or_path={tiny_model}", *FAST]
+    if negatives == "inbatch":
+        overrides.remove("negatives.module.queue_size=6")
+    train(compose_train(overrides), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    log = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in log and ("train/queue_len" in log) == (negatives == "moco")
+
+
+def test_the_users_own_command(tiny_model, beir_folder, tmp_path):
+    """`python -m retrieval_lab.train loss=samtone negatives=moco`, here pointed at small data and a tiny model."""
+    result = run_module("retrieval_lab.train", "loss=samtone", "negatives=moco", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", "trainer.max_epochs=1", "batch_size=4",
+                        "eval.batch_size=16", "logger=csv", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) >= {"before", "after"} and metrics["steps"] == 36 // 4
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["negatives=moco", "loss=samtone", "loss.side=document"], "loss.side"),
+    (["negatives=moco", "loss=samtone", "loss.side=both"], "loss.side"),
+    (["negatives=moco", "model.shared_towers=false"], "model.shared_towers"),
+    (["negatives=moco", "negatives.module.momentum=1.0"], "negatives.module.momentum"),
+])
+def test_combinations_that_make_no_sense_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.check_train_config(compose_train(overrides))

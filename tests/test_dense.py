@@ -1,0 +1,46 @@
+"""Dense retrieval: encoding order, exact search against brute force, the approximate index."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.encoder import Encoder
+from retrieval_lab.retrieval.dense import DenseRetriever, build_index, encode_texts
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return Encoder(str(tiny_model))
+
+
+def test_encoding_keeps_input_order_despite_length_sorting(encoder):
+    texts = ["short", "a much longer text about proteins and cancer", "mid length text"]
+    batched = encode_texts(encoder, texts, "doc", batch_size=2, progress=False)
+    with torch.no_grad():
+        encoder.eval()  # encode_texts switches dropout off by itself
+        one_by_one = np.stack([encoder.encode_docs(encoder.tokenize([t], "doc"))[0].numpy() for t in texts])
+    encoder.train()
+    assert np.allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_flat_search_equals_brute_force_and_hnsw_agrees(encoder, beir_folder):
+    split = BeirDataset(beir_folder).split("test")
+    run = DenseRetriever(encoder, batch_size=16, progress=False).retrieve(split.corpus, split.queries, k=5)
+    doc_ids = list(split.corpus)
+    docs = encode_texts(encoder, [split.corpus[d].full_text for d in doc_ids], "doc", progress=False)
+    for qid, text in split.queries.items():
+        q = encode_texts(encoder, [text], "query", progress=False)[0]
+        best = np.argsort(-(docs @ q))[:5]
+        assert list(run[qid]) == [doc_ids[i] for i in best]
+        assert np.allclose(list(run[qid].values()), (docs @ q)[best], atol=1e-5)
+    approx = DenseRetriever(encoder, batch_size=16, index="hnsw", progress=False).retrieve(split.corpus, split.queries, 5)
+    overlap = np.mean([len(set(run[q]) & set(approx[q])) / 5 for q in run])
+    assert overlap >= 0.9
+
+
+def test_unknown_index_is_refused():
+    with pytest.raises(ConfigError, match="retriever.index"):
+        build_index(np.zeros((2, 4), dtype=np.float32), "ivf-magic")
