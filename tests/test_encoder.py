@@ -27,7 +27,7 @@ def test_padding_does_not_change_an_embedding(tiny_model):
 
 
 def test_asymmetric_towers_with_shared_projection(tiny_model):
-    enc = Encoder(str(tiny_model), shared_towers=False, projection_dim=16, normalize=False)
+    enc = Encoder(str(tiny_model), shared_towers=False, projection_dim=16, normalize=False).eval()
     assert enc.dim == 16 and enc.doc_model is not enc.query_model
     batch = enc.tokenize(["protein cancer"], "query")
     q, d = enc.encode_queries(batch), enc.encode_docs(batch)
