@@ -74,3 +74,14 @@ def test_encoder_starts_in_training_mode(tiny_model):
     """from_pretrained hands back eval mode; Lightning keeps whatever mode it finds, so dropout must be on."""
     enc = Encoder(str(tiny_model))
     assert enc.training and all(m.training for m in enc.modules())
+
+
+def test_random_init_builds_the_architecture_with_new_weights(tiny_model):
+    pretrained = Encoder(str(tiny_model))
+    scratch = Encoder(str(tiny_model), random_init={"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2})
+    assert scratch.query_model.config.num_hidden_layers == 1 and scratch.dim == 16
+    same = Encoder(str(tiny_model), random_init={})
+    w_pre = pretrained.query_model.embeddings.word_embeddings.weight
+    assert not torch.allclose(same.query_model.embeddings.word_embeddings.weight, w_pre)
+    with pytest.raises(ConfigError, match="model.random_init.no_such_field"):
+        Encoder(str(tiny_model), random_init={"no_such_field": 3})

