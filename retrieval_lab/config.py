@@ -19,12 +19,15 @@ def _precision() -> str:
 
 
 OmegaConf.register_new_resolver("auto_precision", _precision, replace=True)
-logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # Hydra's INFO logging would print faiss's CPU probe
+for _noisy in ("faiss.loader", "bm25s"):  # Hydra logs at INFO; these would print their internals
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
 def require(cfg: DictConfig, key: str, ok: bool, why: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={OmegaConf.select(cfg, key)} {why}")
+        value = OmegaConf.select(cfg, key)
+        value = value.get("_target_", "").rsplit(".", 1)[-1] if isinstance(value, DictConfig) else value
+        raise ConfigError(f"{key}={value} {why}")
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -41,6 +44,9 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
     require(cfg, "trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0,
             "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
+    if cfg.negatives.get("file"):
+        require(cfg, "pairs", cfg.pairs._target_.endswith("SupervisedPairs"),
+                "cannot use a mined negatives file: only pairs=supervised draws its negatives from one.")
     if cfg.negatives.module._target_.endswith("MoCoModule"):
         require(cfg, "model.shared_towers", cfg.model.shared_towers,
                 "cannot train with negatives=moco: the momentum key encoder follows the query tower, so a separate "

@@ -17,6 +17,7 @@ from retrieval_lab import config
 from retrieval_lab.callbacks import RetrievalValidation
 from retrieval_lab.data.beir import BeirDataset, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
+from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.errors import exit_on_user_error
 from retrieval_lab.retrieval.dense import DenseRetriever
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
@@ -44,6 +45,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     dataset = BeirDataset(cfg.data.path)
     train_qrels = dataset.qrels(cfg.data.train_split)
+    mined = {}
+    if cfg.negatives.get("file"):
+        mined["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
     elif cfg.validation.enabled:
@@ -54,7 +58,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     group_size = cfg.negatives.group_size
     module = instantiate(cfg.negatives.module)(encoder=encoder, loss=instantiate(cfg.loss), group_size=group_size,
                                                **cfg.optim)
-    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed)
+    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed,
+                                       **mined)
     collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
     datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers)
 

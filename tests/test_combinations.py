@@ -54,3 +54,27 @@ def test_the_users_own_command(tiny_model, beir_folder, tmp_path):
 def test_combinations_that_make_no_sense_are_refused(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.check_train_config(compose_train(overrides))
+
+
+def test_dpr_trains_on_mined_bm25_negatives(tiny_model, beir_folder, tmp_path):
+    negatives = tmp_path / "bm25-train.jsonl"
+    mined = run_module("retrieval_lab.mine", "data=beir", f"data.path={beir_folder}", f"output={negatives}",
+                       f"hydra.run.dir={tmp_path / 'mine'}")
+    assert mined.returncode == 0, mined.stderr[-2000:]
+    overrides = ["negatives=bm25", f"negatives.file={negatives}", "negatives.group_size=3", "data=beir",
+                 f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", *FAST]
+    overrides.remove("negatives.module.queue_size=6")
+    train(compose_train(overrides), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_mined_negatives_need_supervised_pairs():
+    with pytest.raises(ConfigError, match="pairs=CroppingPairs cannot use a mined negatives file"):
+        config.check_train_config(compose_train(["negatives=bm25", "pairs=cropping"]))
+
+
+def test_missing_negatives_file_is_one_sentence(beir_folder, tmp_path):
+    result = run_module("retrieval_lab.train", "negatives=bm25", "data=beir", f"data.path={beir_folder}",
+                        "logger=csv", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: negatives file {beir_folder}/negatives/bm25-train.jsonl not found")

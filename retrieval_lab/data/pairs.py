@@ -15,18 +15,41 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from retrieval_lab.data.beir import BeirDataset, Document, Qrels, load_corpus
+from retrieval_lab.data.negatives import QueryNegatives
 from retrieval_lab.errors import ConfigError, DataError
 
 
 class SupervisedPairs(Dataset):
-    def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0):
+    """One example per judged query: a positive drawn from its qrels, then ``group_size - 1`` hard negatives
+    drawn (without replacement while there are enough) from its mined list; a query with no mined negative
+    gets random corpus documents that are not its positives."""
+
+    def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0,
+                 negatives: dict[str, QueryNegatives] | None = None):
         self.dataset, self.group_size, self.seed, self.epoch = dataset, group_size, seed, 0
         self.qids = [q for q in sorted(qrels) if any(s > 0 for s in qrels[q].values())]
         self.positives = {q: sorted(d for d, s in qrels[q].items() if s > 0) for q in self.qids}
         if not self.qids:
             raise DataError(f"the training qrels of {dataset.path} hold no positive judgement (score > 0).")
-        if group_size != 1:
+        if group_size != 1 and negatives is None:
             raise ConfigError("supervised pairs without a negatives file need negatives.group_size=1.")
+        self.negatives = {q: [d for d in negatives[q].neg if d not in self.positives[q]] if q in negatives else []
+                          for q in self.qids} if negatives is not None else {}
+        self._doc_ids = list(dataset.corpus)
+
+    def draw_negatives(self, qid: str, rng: random.Random) -> list[str]:
+        need = self.group_size - 1
+        pool = self.negatives.get(qid, [])
+        if len(pool) >= need:
+            return rng.sample(pool, need)
+        if pool:
+            return [rng.choice(pool) for _ in range(need)]
+        drawn = []
+        while len(drawn) < need:
+            doc_id = rng.choice(self._doc_ids)
+            if doc_id not in self.positives[qid]:
+                drawn.append(doc_id)
+        return drawn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -37,9 +60,9 @@ class SupervisedPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(hash((self.seed, self.epoch, index)))
         qid = self.qids[index]
-        pos = rng.choice(self.positives[qid])
-        return {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": [pos],
-                "docs": [self.dataset.corpus[pos].full_text], "positives": set(self.positives[qid])}
+        doc_ids = [rng.choice(self.positives[qid])] + (self.draw_negatives(qid, rng) if self.group_size > 1 else [])
+        return {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": doc_ids,
+                "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.positives[qid])}
 
 
 # ---------------------------------------------------------------------------------------------------------------

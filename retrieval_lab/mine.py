@@ -1,0 +1,42 @@
+"""Mine hard negatives: `python -m retrieval_lab.mine [retriever=bm25|dense] [split=train] [n_neg=30] [skip_top=0]`.
+
+Retrieves the top ``depth`` documents for every query of the split, removes the judged positives and writes
+the negatives file of DESIGN.md (default: ``<data.path>/negatives/<retriever>-<split>.jsonl``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.negatives import write_negatives
+from retrieval_lab.errors import ConfigError, exit_on_user_error
+from retrieval_lab.mining.negatives import mine_negatives
+
+
+def mine(cfg: DictConfig) -> Path:
+    if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
+        raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
+                          f"skip_top >= 0 and depth >= n_neg + skip_top.")
+    split = BeirDataset(cfg.data.path).split(cfg.split)
+    run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
+    mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
+    write_negatives(cfg.output, mined)
+    counts = [len(r.neg) for r in mined.values()]
+    print(f"{cfg.output}: {len(mined)} queries, {sum(counts) / max(1, len(counts)):.1f} negatives per query "
+          f"(min {min(counts, default=0)})")
+    return Path(cfg.output)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="mine")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        mine(cfg)
+
+
+if __name__ == "__main__":
+    main()
