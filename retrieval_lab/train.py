@@ -61,7 +61,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed,
                                        **mined)
     collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
-    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers)
+    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed)
 
     info = {"run_dir": str(run_dir), **config.git_commit(), "train_examples": len(train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}

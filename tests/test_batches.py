@@ -68,3 +68,33 @@ def test_linear_warmup_then_linear_decay():
     f = linear_warmup_decay(warmup_steps=4, total_steps=12)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == 0.0
+
+
+def test_each_epoch_redraws_examples_under_lightning(tiny_model, shared_positive_data):
+    """Lightning builds the dataloader once; the sampler must still pass every new epoch on to the dataset."""
+    import lightning as L
+
+    from retrieval_lab.data.datamodule import RetrievalDataModule
+    from retrieval_lab.losses.infonce import InfoNCELoss
+    from retrieval_lab.models.biencoder import BiEncoderModule
+    from retrieval_lab.models.encoder import Encoder
+
+    class Recording(SupervisedPairs):
+        seen: list = []
+
+        def __getitem__(self, index):
+            self.seen.append(self.epoch)
+            return super().__getitem__(index)
+
+    pairs = Recording(shared_positive_data, shared_positive_data.qrels("train"), seed=0)
+    encoder = Encoder(str(tiny_model))
+    data = RetrievalDataModule(pairs, GroupCollator(encoder.tokenizer, 16, 16), batch_size=3, seed=5)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(BiEncoderModule(encoder, InfoNCELoss()), datamodule=data)
+    assert Recording.seen == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    orders = []
+    for epoch in (0, 1, 0):
+        data.sampler.set_epoch(epoch)
+        orders.append(list(data.sampler))
+    assert orders[0] == orders[2] and sorted(orders[1]) == sorted(orders[0]) == [0, 1, 2]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 
 class GroupCollator:
@@ -33,14 +33,33 @@ class GroupCollator:
         }
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffle fixed by (seed, epoch). Lightning calls ``set_epoch`` before every epoch; the dataset hears it
+    too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible."""
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+
+
 class RetrievalDataModule(L.LightningDataModule):
-    def __init__(self, train_set, collator: GroupCollator, batch_size: int = 32, num_workers: int = 0):
+    def __init__(self, train_set, collator: GroupCollator, batch_size: int = 32, num_workers: int = 0,
+                 seed: int = 0):
         super().__init__()
         self.train_set, self.collator, self.batch_size, self.num_workers = train_set, collator, batch_size, num_workers
+        self.sampler = EpochSampler(train_set, seed)
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None and hasattr(self.train_set, "set_epoch"):
-            self.train_set.set_epoch(self.trainer.current_epoch)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          collate_fn=self.collator, num_workers=self.num_workers,
-                          persistent_workers=False)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                          collate_fn=self.collator, num_workers=self.num_workers)
