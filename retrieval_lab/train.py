@@ -18,6 +18,7 @@ from retrieval_lab.callbacks import RetrievalValidation
 from retrieval_lab.data.beir import BeirDataset, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
+from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import exit_on_user_error
 from retrieval_lab.retrieval.dense import DenseRetriever
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
@@ -48,6 +49,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     mined = {}
     if cfg.negatives.get("file"):
         mined["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
+    if cfg.negatives.get("balanced_bins"):
+        mined["balanced_bins"] = cfg.negatives.balanced_bins
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
     elif cfg.validation.enabled:
@@ -61,7 +64,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed,
                                        **mined)
     collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
-    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed)
+    batch_sampler = None
+    if cfg.negatives.get("clusters"):
+        batch_sampler = tas_batch_sampler(train_set, encoder, cfg.negatives.clusters, cfg.negatives.clusters_per_batch,
+                                          cfg.batch_size, cfg.seed)
+    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler)
 
     info = {"run_dir": str(run_dir), **config.git_commit(), "train_examples": len(train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}

@@ -56,12 +56,18 @@ def test_combinations_that_make_no_sense_are_refused(overrides, key):
         config.check_train_config(compose_train(overrides))
 
 
-def test_dpr_trains_on_mined_bm25_negatives(tiny_model, beir_folder, tmp_path):
-    negatives = tmp_path / "bm25-train.jsonl"
-    mined = run_module("retrieval_lab.mine", "data=beir", f"data.path={beir_folder}", f"output={negatives}",
-                       f"hydra.run.dir={tmp_path / 'mine'}")
+@pytest.fixture(scope="module")
+def bm25_negatives(beir_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mined")
+    mined = run_module("retrieval_lab.mine", "data=beir", f"data.path={beir_folder}", f"output={out / 'bm25.jsonl'}",
+                       f"hydra.run.dir={out / 'run'}")
     assert mined.returncode == 0, mined.stderr[-2000:]
-    overrides = ["negatives=bm25", f"negatives.file={negatives}", "negatives.group_size=3", "data=beir",
+    return out / "bm25.jsonl"
+
+
+@pytest.mark.parametrize("negatives,extra", [("bm25", ["negatives.group_size=3"]), ("tas", []), ("tasb", [])])
+def test_hard_negative_methods_train(negatives, extra, bm25_negatives, tiny_model, beir_folder, tmp_path):
+    overrides = [f"negatives={negatives}", f"negatives.file={bm25_negatives}", *extra, "data=beir",
                  f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", *FAST]
     overrides.remove("negatives.module.queue_size=6")
     train(compose_train(overrides), tmp_path / "run")

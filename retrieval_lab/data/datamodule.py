@@ -54,12 +54,18 @@ class EpochSampler(Sampler[int]):
 
 
 class RetrievalDataModule(L.LightningDataModule):
+    """``batch_sampler`` (e.g. TAS's ClusterBatchSampler) replaces the default shuffled batches."""
+
     def __init__(self, train_set, collator: GroupCollator, batch_size: int = 32, num_workers: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, batch_sampler=None):
         super().__init__()
         self.train_set, self.collator, self.batch_size, self.num_workers = train_set, collator, batch_size, num_workers
         self.sampler = EpochSampler(train_set, seed)
+        self.batch_sampler = batch_sampler
 
     def train_dataloader(self) -> DataLoader:
+        if self.batch_sampler is not None:
+            return DataLoader(self.train_set, batch_sampler=self.batch_sampler, collate_fn=self.collator,
+                              num_workers=self.num_workers)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                           collate_fn=self.collator, num_workers=self.num_workers)

@@ -16,16 +16,18 @@ from torch.utils.data import Dataset
 
 from retrieval_lab.data.beir import BeirDataset, Document, Qrels, load_corpus
 from retrieval_lab.data.negatives import QueryNegatives
+from retrieval_lab.data.sampling import balanced_pair
 from retrieval_lab.errors import ConfigError, DataError
 
 
 class SupervisedPairs(Dataset):
     """One example per judged query: a positive drawn from its qrels, then ``group_size - 1`` hard negatives
     drawn (without replacement while there are enough) from its mined list; a query with no mined negative
-    gets random corpus documents that are not its positives."""
+    gets random corpus documents that are not its positives. With ``balanced_bins`` (TAS-B) the pair is drawn
+    uniformly over margin bins of the file's teacher scores instead."""
 
     def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0,
-                 negatives: dict[str, QueryNegatives] | None = None):
+                 negatives: dict[str, QueryNegatives] | None = None, balanced_bins: int | None = None):
         self.dataset, self.group_size, self.seed, self.epoch = dataset, group_size, seed, 0
         self.qids = [q for q in sorted(qrels) if any(s > 0 for s in qrels[q].values())]
         self.positives = {q: sorted(d for d, s in qrels[q].items() if s > 0) for q in self.qids}
@@ -36,6 +38,17 @@ class SupervisedPairs(Dataset):
         self.negatives = {q: [d for d in negatives[q].neg if d not in self.positives[q]] if q in negatives else []
                           for q in self.qids} if negatives is not None else {}
         self._doc_ids = list(dataset.corpus)
+        self.balanced_bins = balanced_bins
+        if balanced_bins and (group_size != 2 or negatives is None):
+            raise ConfigError("TAS-B balanced sampling picks one (positive, negative) pair per query: it needs "
+                              "negatives.group_size=2 and a negatives file with teacher scores.")
+        self.scores = {q: negatives[q].scores for q in self.qids if q in negatives} if balanced_bins else {}
+
+    def margin_pairs(self, qid: str) -> list[tuple[str, str, float]]:
+        """Every (positive, negative, teacher margin) of a query whose two teacher scores are known."""
+        scores = self.scores.get(qid, {})
+        return [(p, n, scores[p] - scores[n]) for p in self.positives[qid] if p in scores
+                for n in self.negatives[qid] if n in scores]
 
     def draw_negatives(self, qid: str, rng: random.Random) -> list[str]:
         need = self.group_size - 1
@@ -60,7 +73,11 @@ class SupervisedPairs(Dataset):
     def __getitem__(self, index: int) -> dict:
         rng = random.Random(hash((self.seed, self.epoch, index)))
         qid = self.qids[index]
-        doc_ids = [rng.choice(self.positives[qid])] + (self.draw_negatives(qid, rng) if self.group_size > 1 else [])
+        pairs = self.margin_pairs(qid) if self.balanced_bins else None
+        if pairs:
+            doc_ids = list(balanced_pair(pairs, self.balanced_bins, rng))
+        else:
+            doc_ids = [rng.choice(self.positives[qid])] + (self.draw_negatives(qid, rng) if self.group_size > 1 else [])
         return {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": doc_ids,
                 "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.positives[qid])}
 

@@ -1,0 +1,142 @@
+"""Topic-aware batch composition (TAS) and balanced margin sampling (TAS-B).
+
+Hofstätter et al. (2021), "Efficiently Teaching an Effective Dense Retriever with Balanced Topic Aware
+Sampling". TAS clusters the training queries (k-means over query embeddings) and draws every batch from a few
+clusters, so in-batch negatives share a topic. TAS-B also balances the (positive, negative) pair of each
+query over margin bins of teacher scores, so that easy (high-margin) pairs do not dominate.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from retrieval_lab.errors import ConfigError
+
+
+def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: int = 1) -> np.ndarray:
+    """Spherical k-means (faiss) over L2-normalised embeddings; returns the cluster of each row.
+
+    Members of clusters smaller than ``min_size`` move to the nearest centroid of a large enough cluster, so a
+    batch can always take its share from any cluster (small data sets then end with fewer than k clusters).
+    """
+    import faiss
+
+    if not 1 <= k <= len(embeddings):
+        raise ConfigError(f"negatives.clusters={k} must lie between 1 and the number of training queries "
+                          f"({len(embeddings)}).")
+    if min_size > len(embeddings):
+        raise ConfigError(f"a batch share of {min_size} queries exceeds the {len(embeddings)} training queries.")
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    faiss.normalize_L2(x)
+    kmeans = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, min_points_per_centroid=1,
+                          max_points_per_centroid=1 << 20, verbose=False)
+    kmeans.train(x)
+    similarity = x @ kmeans.centroids.T
+    labels = similarity.argmax(1)
+    while True:
+        sizes = np.bincount(labels, minlength=k)
+        small = [c for c in range(k) if 0 < sizes[c] < min_size]
+        if not small:
+            return labels
+        smallest = min(small, key=lambda c: sizes[c])  # dissolve the smallest cluster, then look again
+        similarity[:, smallest] = -np.inf
+        labels = np.where(labels == smallest, similarity.argmax(1), labels)
+
+
+class _Epoch:
+    """What Lightning's set_epoch reaches (it looks for ``batch_sampler.sampler``); tells the dataset too."""
+
+    def __init__(self, dataset):
+        self.dataset, self.epoch = dataset, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
+def share_of(batch_size: int, clusters_per_batch: int) -> int:
+    """The most examples a batch takes from one cluster."""
+    return -(-batch_size // clusters_per_batch)
+
+
+class ClusterBatchSampler(Sampler[list[int]]):
+    """Every batch takes its examples from ``clusters_per_batch`` distinct clusters, an equal share from each.
+
+    Clusters are drawn with probability proportional to their size; each cluster hands out its members in a
+    fresh seeded order and starts over when used up, so no example repeats within a batch. An epoch has
+    ``len(dataset) // batch_size`` batches. Every cluster must hold at least one share (``cluster_embeddings``
+    with ``min_size`` makes sure of it).
+    """
+
+    def __init__(self, dataset, clusters: Sequence[int], batch_size: int, clusters_per_batch: int = 1, seed: int = 0):
+        self.sampler = _Epoch(dataset)
+        self.clusters = np.asarray(clusters)
+        self.batch_size, self.per_batch, self.seed = batch_size, clusters_per_batch, seed
+        members: dict[int, list[int]] = {}
+        for index, cluster in enumerate(self.clusters.tolist()):
+            members.setdefault(cluster, []).append(index)
+        self.members = members
+        if clusters_per_batch > len(members):
+            raise ConfigError(f"negatives.clusters_per_batch={clusters_per_batch} exceeds the {len(members)} "
+                              f"query clusters.")
+        if any(len(m) < share_of(batch_size, clusters_per_batch) for m in members.values()):
+            raise ConfigError(f"a query cluster has fewer than the {share_of(batch_size, clusters_per_batch)} members "
+                              f"a batch takes from it; cluster with min_size set (see cluster_embeddings).")
+
+    def __len__(self) -> int:
+        return len(self.clusters) // self.batch_size
+
+    def __iter__(self):
+        rng = random.Random(hash((self.seed, self.sampler.epoch, "tas")))
+        streams = {c: [] for c in self.members}
+        ids = sorted(self.members)
+        weights = [len(self.members[c]) for c in ids]
+        for _ in range(len(self)):
+            chosen: list[int] = []
+            while len(chosen) < self.per_batch:  # distinct clusters, size-weighted
+                c = rng.choices(ids, weights)[0]
+                if c not in chosen:
+                    chosen.append(c)
+            batch = []
+            for slot, c in enumerate(chosen):
+                share = self.batch_size // self.per_batch + (slot < self.batch_size % self.per_batch)
+                if len(streams[c]) < share:  # start the cluster over in a new order
+                    fresh = self.members[c][:]
+                    rng.shuffle(fresh)
+                    streams[c] = [i for i in streams[c]] + [i for i in fresh if i not in streams[c]]
+                batch.extend(streams[c][:share])
+                streams[c] = streams[c][share:]
+            yield batch
+
+
+def balanced_pair(pairs: list[tuple[str, str, float]], bins: int, rng: random.Random) -> tuple[str, str]:
+    """TAS-B: pick a (positive, negative) pair so that every margin bin is equally likely.
+
+    ``pairs`` holds (positive, negative, teacher margin); the margins' range is cut into ``bins`` equal-width
+    bins, a non-empty bin is drawn uniformly, then a pair uniformly inside it.
+    """
+    margins = [m for _, _, m in pairs]
+    low, high = min(margins), max(margins)
+    width = (high - low) / bins or 1.0
+    by_bin: dict[int, list[tuple[str, str]]] = {}
+    for pos, neg, margin in pairs:
+        by_bin.setdefault(min(bins - 1, int((margin - low) / width)), []).append((pos, neg))
+    chosen = by_bin[rng.choice(sorted(by_bin))]
+    return rng.choice(chosen)
+
+
+def tas_batch_sampler(train_set, encoder, clusters: int, clusters_per_batch: int, batch_size: int, seed: int):
+    """Cluster the training queries with ``encoder`` (the model about to be trained) and compose batches by cluster."""
+    from retrieval_lab.retrieval.dense import encode_texts
+
+    texts = [train_set.dataset.queries[q] for q in train_set.qids]
+    embeddings = encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters")
+    labels = cluster_embeddings(embeddings, clusters, seed, min_size=share_of(batch_size, clusters_per_batch))
+    sizes = np.bincount(labels)
+    print(f"TAS: {len(texts)} training queries in {(sizes > 0).sum()} clusters "
+          f"(sizes {sizes[sizes > 0].min()}-{sizes.max()}), {clusters_per_batch} per batch")
+    return ClusterBatchSampler(train_set, labels, batch_size, clusters_per_batch, seed)

@@ -1,0 +1,68 @@
+"""TAS batches come from the configured number of clusters; TAS-B pair choice is uniform over margin bins."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from retrieval_lab.data.sampling import ClusterBatchSampler, balanced_pair, cluster_embeddings
+from retrieval_lab.errors import ConfigError
+
+
+class Dummy:
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+
+@pytest.mark.parametrize("per_batch", [1, 2, 3])
+def test_every_batch_draws_from_the_configured_number_of_clusters(per_batch):
+    rng = np.random.default_rng(0)
+    clusters = rng.integers(0, 6, size=300)
+    sampler = ClusterBatchSampler(Dummy(300), clusters, batch_size=12, clusters_per_batch=per_batch, seed=1)
+    batches = list(sampler)
+    assert len(batches) == 300 // 12
+    for batch in batches:
+        assert len(batch) == 12 and len(set(batch)) == 12
+        counts = Counter(clusters[batch].tolist())
+        assert len(counts) == per_batch and set(counts.values()) <= {12 // per_batch, -(-12 // per_batch)}
+    sampler.sampler.set_epoch(1)
+    assert list(sampler) != batches  # a new epoch, a new order
+    sampler.sampler.set_epoch(0)
+    assert list(sampler) == batches  # and the same seed and epoch give the same batches
+
+
+def test_clusters_below_one_share_are_merged_into_their_neighbours():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 8))
+    sizes = [40, 40, 40, 3, 2]
+    x = np.concatenate([c + 0.05 * rng.normal(size=(n, 8)) for c, n in zip(centres, sizes)])
+    for min_size, most_clusters in ((10, 5), (30, 4), (60, 2)):
+        labels = cluster_embeddings(x, k=5, seed=0, min_size=min_size)
+        sizes = np.bincount(labels)
+        assert sizes[sizes > 0].min() >= min_size and (sizes > 0).sum() <= most_clusters
+    with pytest.raises(ConfigError, match="negatives.clusters=500"):
+        cluster_embeddings(x, k=500)
+
+
+def test_balanced_pair_is_uniform_over_margin_bins():
+    rng = random.Random(1234)
+    # margins crowd into the easy end: 90 pairs in bin 0-ish, few elsewhere; 4 bins over [0, 4)
+    pairs = [("p", f"easy{i}", 0.1 + 0.001 * i) for i in range(90)]
+    pairs += [("p", "m1", 1.5), ("p", "m2", 2.2), ("p", "m3", 2.9), ("p", "hard", 4.0)]
+    edges = {"easy": 0, "m1": 1, "m2": 2, "m3": 2, "hard": 3}
+    counts = Counter()
+    for _ in range(8000):
+        _, neg = balanced_pair(pairs, bins=4, rng=rng)
+        counts[edges["easy" if neg.startswith("easy") else neg]] += 1
+    observed = [counts[b] for b in range(4)]
+    assert chisquare(observed).pvalue > 0.01  # uniform over the 4 bins
+    assert counts[0] < 8000 * 0.3  # while uniform over pairs would give bin 0 over 95%
