@@ -20,6 +20,7 @@ from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import exit_on_user_error
+from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.retrieval.dense import DenseRetriever
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
@@ -86,6 +87,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
                  L.pytorch.callbacks.LearningRateMonitor()]
+    if cfg.negatives.get("refresh"):
+        callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))

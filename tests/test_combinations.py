@@ -65,7 +65,8 @@ def bm25_negatives(beir_folder, tmp_path_factory):
     return out / "bm25.jsonl"
 
 
-@pytest.mark.parametrize("negatives,extra", [("bm25", ["negatives.group_size=3"]), ("tas", []), ("tasb", [])])
+@pytest.mark.parametrize("negatives,extra", [("bm25", ["negatives.group_size=3"]), ("tas", []), ("tasb", []),
+                                             ("ance", ["negatives.refresh.every_n_steps=1", "negatives.refresh.depth=10"])])
 def test_hard_negative_methods_train(negatives, extra, bm25_negatives, tiny_model, beir_folder, tmp_path):
     overrides = [f"negatives={negatives}", f"negatives.file={bm25_negatives}", *extra, "data=beir",
                  f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", *FAST]

@@ -1,0 +1,85 @@
+"""ANCE: hard negatives re-mined from an ANN index of the model being trained, refreshed during training.
+
+Xiong et al. (2021), "Approximate Nearest Neighbor Negative Contrastive Learning for Dense Text Retrieval".
+
+Every ``every_n_steps`` optimiser steps the callback snapshots the encoder's weights and hands them to a
+background thread, which encodes the corpus and the training queries with that snapshot, searches a faiss
+index, drops the judged positives and builds a complete new negatives table. Training goes on meanwhile; the
+finished table replaces the old one in a single reference assignment (``train_set.negatives = table``), so a
+training step sees either the old table or the new one, never a half-written one. Training starts from the
+negatives file (BM25). With ``num_workers > 0`` worker processes hold a copy of the data set and see the new
+table from the next epoch on.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import lightning as L
+import torch
+
+from retrieval_lab.data.negatives import QueryNegatives
+from retrieval_lab.mining.negatives import mine_negatives
+from retrieval_lab.retrieval.dense import DenseRetriever
+
+
+class AnceRefresh(L.Callback):
+    def __init__(self, train_set, every_n_steps: int = 100, depth: int = 100, n_neg: int = 30, skip_top: int = 0,
+                 batch_size: int = 128, background: bool = True):
+        self.train_set, self.every_n_steps, self.depth, self.n_neg = train_set, every_n_steps, depth, n_neg
+        self.skip_top, self.batch_size, self.background = skip_top, batch_size, background
+        self._thread: threading.Thread | None = None
+        self._ready: dict | None = None  # the finished table and its statistics, waiting to be swapped in
+        self._lock = threading.Lock()
+        self.history: list[dict] = []
+
+    # -- the work of one refresh (runs in the background thread) --
+    def build_table(self, encoder) -> dict[str, list[str]]:
+        corpus = self.train_set.dataset.corpus
+        queries = {q: self.train_set.dataset.queries[q] for q in self.train_set.qids}
+        run = DenseRetriever(encoder, self.batch_size, progress=False).retrieve(corpus, queries, self.depth)
+        qrels = {q: {d: 1 for d in self.train_set.positives[q]} for q in self.train_set.qids}
+        mined = mine_negatives(run, qrels, self.n_neg, self.skip_top)
+        return {q: mined[q].neg if q in mined else [] for q in self.train_set.qids}
+
+    def _refresh(self, encoder, step: int) -> None:
+        start = time.perf_counter()
+        table = self.build_table(encoder)
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._ready = {"table": table, "step": step, "seconds": seconds}
+
+    # -- Lightning hooks (main thread) --
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.swap_if_ready(pl_module)
+        step = trainer.global_step
+        if step % self.every_n_steps or (self._thread is not None and self._thread.is_alive()):
+            return
+        snapshot = copy.deepcopy(pl_module.encoder).eval().requires_grad_(False)  # weights as of this step
+        if self.background:
+            self._thread = threading.Thread(target=self._refresh, args=(snapshot, step), daemon=True)
+            self._thread.start()
+        else:
+            self._refresh(snapshot, step)
+            self.swap_if_ready(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def swap_if_ready(self, pl_module) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, None
+        if ready is None:
+            return
+        old = self.train_set.negatives
+        changed = sum(len(set(ready["table"][q]) - set(old.get(q, []))) for q in ready["table"])
+        total = sum(len(v) for v in ready["table"].values())
+        self.train_set.negatives = ready["table"]  # the swap: one reference assignment
+        stats = {"ance/refresh_seconds": ready["seconds"], "ance/changed_fraction": changed / max(1, total),
+                 "ance/mined_at_step": float(ready["step"])}
+        self.history.append(stats)
+        pl_module.log_dict(stats, rank_zero_only=True)
+        print(f"ANCE refresh from step {ready['step']}: {ready['seconds']:.1f} s, "
+              f"{changed / max(1, total):.1%} of negatives changed")

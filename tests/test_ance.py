@@ -1,0 +1,72 @@
+"""ANCE: refreshed negatives exclude positives, and a swap never exposes a half-built table to training."""
+from __future__ import annotations
+
+import threading
+import time
+
+import lightning as L
+
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
+from retrieval_lab.data.negatives import QueryNegatives
+from retrieval_lab.data.pairs import SupervisedPairs
+from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.mining.ance import AnceRefresh
+from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.encoder import Encoder
+
+
+def pairs_with(data, negatives):
+    qrels = data.qrels("train")
+    return SupervisedPairs(data, qrels, group_size=3,
+                           negatives={q: QueryNegatives([], negatives) for q in qrels})
+
+
+def test_refresh_mines_negatives_with_the_current_model(tiny_model, beir_folder):
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d59"])
+    table = AnceRefresh(train_set, depth=20, n_neg=5).build_table(Encoder(str(tiny_model)).eval())
+    assert set(table) == set(train_set.qids)
+    for qid, negs in table.items():
+        assert len(negs) == 5 and not set(negs) & set(train_set.positives[qid])
+
+
+class SlowVersions(AnceRefresh):
+    """Builds version k's table entry by entry, slowly: version k uses only documents d{40+2k}, d{41+2k}."""
+
+    version = 0
+
+    def build_table(self, encoder):
+        SlowVersions.version += 1
+        docs = [f"d{40 + 2 * (self.version % 10)}", f"d{41 + 2 * (self.version % 10)}"]
+        table = {}
+        for qid in self.train_set.qids:
+            table[qid] = docs
+            time.sleep(0.002)
+        return table
+
+
+def test_training_never_sees_a_half_built_table(tiny_model, beir_folder):
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d58", "d59"])
+    seen_versions = []
+    original = train_set.__class__.__getitem__
+
+    class Checking(train_set.__class__):
+        def __getitem__(self, index):
+            ex = original(self, index)
+            seen_versions.append(frozenset(ex["doc_ids"][1:]))
+            return ex
+
+    train_set.__class__ = Checking
+    encoder = Encoder(str(tiny_model))
+    refresh = SlowVersions(train_set, every_n_steps=1, background=True)
+    data_module = RetrievalDataModule(train_set, GroupCollator(encoder.tokenizer, 16, 16), batch_size=4)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[refresh])
+    trainer.fit(BiEncoderModule(encoder, InfoNCELoss()), datamodule=data_module)
+    assert len(refresh.history) >= 2, "refreshes were swapped in during training"
+    assert threading.active_count() < 10
+    legal = {frozenset({"d58", "d59"})} | {frozenset({f"d{40 + 2 * k}", f"d{41 + 2 * k}"}) for k in range(10)}
+    assert set(seen_versions) <= legal  # every example drew from exactly one complete table
+    assert len(set(seen_versions)) >= 3
