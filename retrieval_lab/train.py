@@ -71,7 +71,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                           cfg.batch_size, cfg.seed)
     datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler)
 
-    info = {"run_dir": str(run_dir), **config.git_commit(), "train_examples": len(train_set)}
+    commit = config.git_commit()  # the code as it was when the run started
+    info = {"run_dir": str(run_dir), **commit, "train_examples": len(train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}
     write_json(run_dir / "run_info.json", hparams)
 
@@ -105,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                            step=trainer.global_step)
         logger.finalize("success")
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split, **results,
-                                          "steps": trainer.global_step, **config.git_commit()})
+                                          "steps": trainer.global_step, **commit})
     if results:
         print_table(results, list(cfg.eval.metrics), title=f"{cfg.data.name} {cfg.eval.split}")
     print(f"outputs in {run_dir}" + (f" (model: {run_dir / 'model'})" if cfg.save_model else ""))
