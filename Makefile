@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_SOURCE ?= $(wildcard ../shared/data/scifact)
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install data demo train evaluate bm25 test sweep bench clean
+.PHONY: install data demo train evaluate bm25 mine test sweep bench clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ evaluate: data      ## zero-shot evaluation of the configured model on SciFact t
 
 bm25: data
 	$(PY) -m retrieval_lab.evaluate retriever=bm25 $(ARGS)
+
+mine: data          ## BM25 hard negatives for negatives=bm25|ance|tas|tasb
+	$(PY) -m retrieval_lab.mine $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
