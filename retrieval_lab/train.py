@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config
 from retrieval_lab.callbacks import RetrievalValidation
-from retrieval_lab.data.beir import BeirDataset, carve_dev
+from retrieval_lab.data.beir import BeirDataset, Qrels, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
@@ -41,38 +41,51 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     return loggers
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    config.check_train_config(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-
-    dataset = BeirDataset(cfg.data.path)
-    train_qrels = dataset.qrels(cfg.data.train_split)
-    mined = {}
+def build_data(cfg: DictConfig, dataset: BeirDataset, encoder) -> tuple[RetrievalDataModule, Qrels | None]:
+    """The training set the config asks for (pairs + negatives), batched; and the dev qrels for validation."""
+    train_qrels, dev_qrels = dataset.qrels(cfg.data.train_split), None
+    extras = {}
     if cfg.negatives.get("file"):
-        mined["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
+        extras["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
     if cfg.negatives.get("balanced_bins"):
-        mined["balanced_bins"] = cfg.negatives.balanced_bins
+        extras["balanced_bins"] = cfg.negatives.balanced_bins
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
     elif cfg.validation.enabled:
         train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.seed)
-    test = dataset.split(cfg.eval.split)
-
-    encoder = instantiate(cfg.model)
-    group_size = cfg.negatives.group_size
-    module = instantiate(cfg.negatives.module)(encoder=encoder, loss=instantiate(cfg.loss), group_size=group_size,
-                                               **cfg.optim)
-    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=group_size, seed=cfg.seed,
-                                       **mined)
-    collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
+    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=cfg.negatives.group_size,
+                                       seed=cfg.seed, **extras)
     batch_sampler = None
     if cfg.negatives.get("clusters"):
         batch_sampler = tas_batch_sampler(train_set, encoder, cfg.negatives.clusters, cfg.negatives.clusters_per_batch,
                                           cfg.batch_size, cfg.seed)
-    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler)
+    collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
+    return RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler), dev_qrels
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels) -> list:
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
+                 L.pytorch.callbacks.LearningRateMonitor()]
+    if cfg.negatives.get("refresh"):
+        callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
+    if cfg.validation.enabled:
+        callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))
+    return callbacks
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    config.check_train_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    dataset = BeirDataset(cfg.data.path)
+    test = dataset.split(cfg.eval.split)
+    encoder = instantiate(cfg.model)
+    module = instantiate(cfg.negatives.module)(encoder=encoder, loss=instantiate(cfg.loss),
+                                               group_size=cfg.negatives.group_size, **cfg.optim)
+    datamodule, dev_qrels = build_data(cfg, dataset, encoder)
 
     commit = config.git_commit()  # the code as it was when the run started
-    info = {"run_dir": str(run_dir), **commit, "train_examples": len(train_set)}
+    info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}
     write_json(run_dir / "run_info.json", hparams)
 
@@ -85,20 +98,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.eval.before:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
-
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
-                 L.pytorch.callbacks.LearningRateMonitor()]
-    if cfg.negatives.get("refresh"):
-        callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
-    if cfg.validation.enabled:
-        callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
-                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))
-    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir, hparams), callbacks=callbacks,
-                          default_root_dir=str(run_dir))
+    trainer = instantiate(cfg.trainer, logger=build_loggers(cfg, run_dir, hparams), default_root_dir=str(run_dir),
+                          callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
     trainer.fit(module, datamodule=datamodule)
     if cfg.save_model:
         encoder.save(run_dir / "model")
-
     if cfg.eval.after:
         results["after"] = test_eval("after")
     for logger in trainer.loggers:
