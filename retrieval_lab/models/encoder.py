@@ -63,13 +63,18 @@ def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Mod
     from transformers import AutoConfig, AutoModel
 
     if random_init is None:
-        return _from_pretrained(AutoModel, name_or_path, "model")
-    config = _from_pretrained(AutoConfig, name_or_path, "the config of model")
-    for key, value in dict(random_init).items():
-        if not hasattr(config, key):
-            raise ConfigError(f"model.random_init.{key} is not a field of the {config.model_type} config.")
-        setattr(config, key, value)
-    return AutoModel.from_config(config)
+        model = _from_pretrained(AutoModel, name_or_path, "model")
+    else:
+        config = _from_pretrained(AutoConfig, name_or_path, "the config of model")
+        for key, value in dict(random_init).items():
+            if not hasattr(config, key):
+                raise ConfigError(f"model.random_init.{key} is not a field of the {config.model_type} config.")
+            setattr(config, key, value)
+        model = AutoModel.from_config(config)
+    if getattr(model, "pooler", None) is not None:
+        # BERT-style poolers feed no loss here (we pool the last hidden state); unused parameters break DDP
+        model.pooler = None
+    return model
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:

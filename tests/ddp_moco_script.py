@@ -1,0 +1,24 @@
+"""Run by tests/test_ddp.py: MoCo training on 2 CPU processes (gloo); each rank saves its queue."""
+import sys
+
+import lightning as L
+import torch
+
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
+from retrieval_lab.data.pairs import CroppingPairs
+from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.models.encoder import Encoder
+from retrieval_lab.models.moco import MoCoModule
+
+model_dir, data_dir, out_dir = sys.argv[1:4]
+L.seed_everything(0)
+encoder = Encoder(model_dir)
+module = MoCoModule(encoder, InfoNCELoss(0.05), queue_size=64, momentum=0.9, lr=1e-3)
+data = RetrievalDataModule(CroppingPairs(BeirDataset(data_dir), seed=1, augmentation=None),
+                           GroupCollator(encoder.tokenizer, 32, 32), batch_size=4)
+trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(module, datamodule=data)
+torch.save({"queue": module.current_queue().clone(), "len": int(module.queue_len)},
+           f"{out_dir}/rank{trainer.global_rank}.pt")
