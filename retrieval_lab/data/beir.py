@@ -41,7 +41,7 @@ def _require_file(path: Path, hint: str = "") -> None:
         raise DataError(f"{path} not found{hint}.")
 
 
-def _lines(path: Path, start: int = 1):
+def read_lines(path: Path, start: int = 1):
     """Yield (line number, text) of a UTF-8 file, naming the line of any byte that is not UTF-8."""
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=start):
@@ -54,7 +54,7 @@ def _lines(path: Path, start: int = 1):
 def _read_jsonl(path: Path, required: tuple[str, ...]):
     """Yield (line number, record) for each non-blank line, checking JSON syntax and required fields."""
     _require_file(path)
-    for lineno, line in _lines(path):
+    for lineno, line in read_lines(path):
         if not line.strip():
             continue
         try:
@@ -125,7 +125,7 @@ def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | Non
     path = Path(path)
     _require_file(path)
     qrels: Qrels = {}
-    lines = _lines(path)
+    lines = read_lines(path)
     _, header = next(lines, (1, ""))
     if not header.strip():
         raise DataError(f"{path} is empty (expected the header line 'query-id, corpus-id, score').")

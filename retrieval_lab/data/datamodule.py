@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
+
+from retrieval_lab.data.sampling import EpochSampler
 
 
 class GroupCollator:
@@ -31,26 +33,6 @@ class GroupCollator:
             "qids": [ex["qid"] for ex in examples],
             "doc_ids": doc_ids,
         }
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffle fixed by (seed, epoch). Lightning calls ``set_epoch`` before every epoch; the dataset hears it
-    too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible."""
-
-    def __init__(self, dataset, seed: int = 0):
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
 
 
 class RetrievalDataModule(L.LightningDataModule):

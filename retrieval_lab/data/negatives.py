@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval_lab.data.beir import BeirDataset, Qrels
+from retrieval_lab.data.beir import BeirDataset, Qrels, read_lines
 from retrieval_lab.errors import DataError
 
 
@@ -35,36 +35,34 @@ def read_negatives(path: str | Path, dataset: BeirDataset, qrels: Qrels | None =
     if not path.is_file():
         raise DataError(f"negatives file {path} not found (make it with `python -m retrieval_lab.mine`).")
     out: dict[str, QueryNegatives] = {}
-    with open(path, "rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            try:
-                line = raw.decode("utf-8")
-                record = json.loads(line) if line.strip() else None
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise DataError(f"{path} line {lineno} is not valid UTF-8 JSON ({type(err).__name__}).") from None
-            if record is None:
-                continue
-            if not isinstance(record, dict) or "qid" not in record or "neg" not in record:
-                raise DataError(f"{path} line {lineno} must be an object with at least 'qid' and 'neg'.")
-            qid = str(record["qid"])
-            if qid not in dataset.queries:
-                raise DataError(f"{path} line {lineno} names query id '{qid}', which is not in queries.jsonl.")
-            if qid in out:
-                raise DataError(f"{path} line {lineno} repeats query id '{qid}'.")
-            pos = _str_list(record.get("pos", []), path, lineno, "pos")
-            neg = _str_list(record["neg"], path, lineno, "neg")
-            for doc_id in pos + neg:
-                if doc_id not in dataset.corpus:
-                    raise DataError(f"{path} line {lineno} names corpus id '{doc_id}', which is not in corpus.jsonl.")
-            judged = {d for d, s in (qrels or {}).get(qid, {}).items() if s > 0}
-            if judged & set(neg):
-                raise DataError(f"{path} line {lineno} lists judged positive '{sorted(judged & set(neg))[0]}' "
-                                f"of query '{qid}' as a negative.")
-            scores = record.get("scores", {})
-            if not isinstance(scores, dict) or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values()):
-                raise DataError(f"{path} line {lineno}: 'scores' must map document ids to finite numbers.")
-            out[qid] = QueryNegatives(pos, neg, {str(k): float(v) for k, v in scores.items()})
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {lineno} is not valid UTF-8 JSON ({err.msg}).") from None
+        if not isinstance(record, dict) or "qid" not in record or "neg" not in record:
+            raise DataError(f"{path} line {lineno} must be an object with at least 'qid' and 'neg'.")
+        qid = str(record["qid"])
+        if qid not in dataset.queries:
+            raise DataError(f"{path} line {lineno} names query id '{qid}', which is not in queries.jsonl.")
+        if qid in out:
+            raise DataError(f"{path} line {lineno} repeats query id '{qid}'.")
+        pos = _str_list(record.get("pos", []), path, lineno, "pos")
+        neg = _str_list(record["neg"], path, lineno, "neg")
+        for doc_id in pos + neg:
+            if doc_id not in dataset.corpus:
+                raise DataError(f"{path} line {lineno} names corpus id '{doc_id}', which is not in corpus.jsonl.")
+        judged = {d for d, s in (qrels or {}).get(qid, {}).items() if s > 0}
+        if judged & set(neg):
+            raise DataError(f"{path} line {lineno} lists judged positive '{sorted(judged & set(neg))[0]}' "
+                            f"of query '{qid}' as a negative.")
+        scores = record.get("scores", {})
+        if not isinstance(scores, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in scores.values()):
+            raise DataError(f"{path} line {lineno}: 'scores' must map document ids to finite numbers.")
+        out[qid] = QueryNegatives(pos, neg, {str(k): float(v) for k, v in scores.items()})
     if not out:
         raise DataError(f"negatives file {path} holds no query.")
     return out

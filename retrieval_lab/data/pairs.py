@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from retrieval_lab.data.beir import BeirDataset, Document, Qrels, load_corpus
+from retrieval_lab.data.beir import BeirDataset, Document, Qrels, load_corpus, read_lines
 from retrieval_lab.data.negatives import QueryNegatives
 from retrieval_lab.data.sampling import balanced_pair
 from retrieval_lab.errors import ConfigError, DataError
@@ -213,14 +213,7 @@ def load_plain_corpus(path: str | Path) -> dict[str, Document]:
         return load_corpus(path)
     if not path.is_file():
         raise DataError(f"corpus file {path} not found.")
-    docs = {}
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    docs[f"line{lineno}"] = Document("", line.strip())
-        except UnicodeDecodeError:
-            raise DataError(f"{path} line {lineno + 1} is not valid UTF-8.") from None
+    docs = {f"line{lineno}": Document("", line.strip()) for lineno, line in read_lines(path) if line.strip()}
     if not docs:
         raise DataError(f"{path} holds no documents.")
     return docs

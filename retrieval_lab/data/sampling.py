@@ -11,6 +11,7 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 from retrieval_lab.errors import ConfigError
@@ -46,16 +47,24 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: 
         labels = np.where(labels == smallest, similarity.argmax(1), labels)
 
 
-class _Epoch:
-    """What Lightning's set_epoch reaches (it looks for ``batch_sampler.sampler``); tells the dataset too."""
+class EpochSampler(Sampler[int]):
+    """A shuffle fixed by (seed, epoch). Lightning calls ``set_epoch`` before every epoch; the dataset hears it
+    too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible."""
 
-    def __init__(self, dataset):
-        self.dataset, self.epoch = dataset, 0
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
 
 
 def share_of(batch_size: int, clusters_per_batch: int) -> int:
@@ -73,7 +82,7 @@ class ClusterBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, dataset, clusters: Sequence[int], batch_size: int, clusters_per_batch: int = 1, seed: int = 0):
-        self.sampler = _Epoch(dataset)
+        self.sampler = EpochSampler(dataset, seed)  # what Lightning calls set_epoch on
         self.clusters = np.asarray(clusters)
         self.batch_size, self.per_batch, self.seed = batch_size, clusters_per_batch, seed
         members: dict[int, list[int]] = {}

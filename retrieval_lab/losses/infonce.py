@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval_lab.errors import ConfigError
-from retrieval_lab.losses.scores import contrastive_scores
+from retrieval_lab.losses.scores import check_temperature, contrastive_scores
 
 
 def document_to_query(q: torch.Tensor, d: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -39,9 +38,7 @@ def document_to_query(q: torch.Tensor, d: torch.Tensor, targets: torch.Tensor, t
 class InfoNCELoss(nn.Module):
     def __init__(self, temperature: float = 0.05, bidirectional: bool = False):
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"loss.temperature must be positive, got {temperature}.")
-        self.temperature, self.bidirectional = temperature, bidirectional
+        self.temperature, self.bidirectional = check_temperature(temperature), bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
                 queue: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import document_to_query
-from retrieval_lab.losses.scores import contrastive_scores
+from retrieval_lab.losses.scores import check_temperature, contrastive_scores
 
 SIDES = ("query", "document", "both")
 
@@ -31,11 +31,9 @@ SIDES = ("query", "document", "both")
 class SamToNeLoss(nn.Module):
     def __init__(self, temperature: float = 0.05, side: str = "query", bidirectional: bool = False):
         super().__init__()
-        if temperature <= 0:
-            raise ConfigError(f"loss.temperature must be positive, got {temperature}.")
         if side not in SIDES:
             raise ConfigError(f"loss.side must be one of {', '.join(SIDES)}, got '{side}'.")
-        self.temperature, self.side, self.bidirectional = temperature, side, bidirectional
+        self.temperature, self.side, self.bidirectional = check_temperature(temperature), side, bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
                 queue: torch.Tensor | None = None) -> torch.Tensor:

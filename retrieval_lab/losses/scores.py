@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from retrieval_lab.errors import ConfigError
+
+
+def check_temperature(temperature: float) -> float:
+    if temperature <= 0:
+        raise ConfigError(f"loss.temperature must be positive, got {temperature}.")
+    return temperature
+
 
 def contrastive_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
                        mask: torch.Tensor | None = None, queue: torch.Tensor | None = None):
