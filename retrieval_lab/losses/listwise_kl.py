@@ -1,0 +1,44 @@
+"""Listwise KL distillation over each query's group.
+
+The listwise distillation objective of RocketQA-v2 (Ren et al., 2021, "RocketQAv2: A Joint Training Method for
+Dense Passage Retrieval and Passage Re-ranking"), here with fixed teacher scores from a negatives file.
+
+For query i with group scores S_ig = q_i . d_{i,g} / tau (student) and T_ig / tau_t (teacher, no gradient),
+p_i = softmax_g(T_i / tau_t) and s_i = softmax_g(S_i):
+
+    L = 1/B sum_i KL(p_i || s_i) = 1/B sum_i sum_g p_ig (log p_ig - log s_ig)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.margin_mse import group_scores
+from retrieval_lab.losses.scores import check_temperature
+
+
+def listwise_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)); gradients reach the student only."""
+    target = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
+
+
+class ListwiseKLLoss(nn.Module):
+    needs_teacher = True
+
+    def __init__(self, temperature: float = 0.05, teacher_temperature: float = 1.0):
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        if teacher_temperature <= 0:
+            raise ConfigError(f"loss.teacher_temperature must be positive, got {teacher_temperature}.")
+        self.teacher_temperature = teacher_temperature
+
+    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 2, mask: torch.Tensor | None = None,
+                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+        if teacher is None or group_size < 2:
+            raise ConfigError("loss=listwise_kl needs teacher scores and negatives.group_size >= 2 "
+                              "(a negatives file with scores for every listed document).")
+        student = group_scores(q, d, group_size) / self.temperature
+        return listwise_kl(student, teacher / self.teacher_temperature)
