@@ -6,7 +6,6 @@ import random
 import lightning as L
 
 from retrieval_lab.data.beir import BeirSplit
-from retrieval_lab.retrieval.dense import DenseRetriever
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 
@@ -31,7 +30,7 @@ class RetrievalValidation(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
-        retriever = DenseRetriever(pl_module.encoder, self.batch_size, progress=False)
+        retriever = pl_module.retriever(self.batch_size, progress=False)
         run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
         scores = evaluate_run(self.dev.qrels, run, self.metrics)
         pl_module.log_dict({f"val/{name}": value for name, value in scores.items()}, rank_zero_only=True)

@@ -5,6 +5,7 @@ import logging
 import subprocess
 from pathlib import Path
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab.errors import ConfigError
@@ -56,6 +57,20 @@ def check_train_config(cfg: DictConfig) -> None:
                 "which carry no gradient; use loss.side=query.")
         require(cfg, "negatives.module.queue_size", cfg.negatives.module.queue_size >= 1, "must be at least 1.")
         require(cfg, "negatives.module.momentum", 0 <= cfg.negatives.module.momentum < 1, "must lie in [0, 1).")
+    module = (cfg.get("module") or cfg.negatives.module)._target_.rsplit(".", 1)[-1]
+    loss = cfg.loss._target_.rsplit(".", 1)[-1]
+    needs_teacher = getattr(get_class(cfg.loss._target_), "needs_teacher", False)
+    if module == "CrossEncoderModule" and (cfg.negatives.get("refresh") or cfg.negatives.get("clusters")):
+        raise ConfigError("module=cross_encoder trains on fixed negatives files (negatives=bm25): ANCE re-mining and "
+                          "TAS clustering need a bi-encoder's embeddings.")
+    if module in ("CrossEncoderModule", "RocketQAModule") or needs_teacher:
+        why = {"CrossEncoderModule": "module=cross_encoder", "RocketQAModule": "module=rocketqa"}.get(module, f"loss={loss}")
+        if not cfg.negatives.get("file") or group < 2:
+            raise ConfigError(f"{why} needs groups of hard negatives: a negatives file and negatives.group_size >= 2 "
+                              "(e.g. negatives=bm25).")
+        if needs_teacher and module != "RocketQAModule" and cfg.negatives.get("refresh"):
+            raise ConfigError(f"negatives=ance cannot be used with {why}: its re-mined negatives carry no teacher "
+                              "score (use negatives=bm25, tas or tasb with a scored file).")
     if cfg.data.get("dev_split") is None and cfg.validation.enabled:
         require(cfg, "data.dev_fraction", 0 < cfg.data.dev_fraction < 1,
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")

@@ -1,4 +1,5 @@
-"""Evaluate a retriever on a BEIR split: `python -m retrieval_lab.evaluate [model.name_or_path=...] [retriever=bm25]`.
+"""Evaluate a retriever on a BEIR split: `python -m retrieval_lab.evaluate [model.name_or_path=...] [retriever=bm25]
+[reranker=cross_encoder reranker.cross_encoder.name_or_path=...]`.
 
 Writes ``run.trec`` and ``metrics.json`` into the run directory and prints the metrics.
 """
@@ -23,9 +24,13 @@ def evaluate(cfg: DictConfig) -> dict:
     split = BeirDataset(cfg.data.path).split(cfg.split)
     retriever = instantiate(cfg.retriever)
     name = Path(cfg.retriever._target_).suffix.lstrip(".")
+    if cfg.get("reranker"):
+        retriever = instantiate(cfg.reranker)(first_stage=retriever)
+        name = f"{name}+{Path(cfg.reranker._target_).suffix.lstrip('.')}"
     scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name)
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
                                           "model": cfg.model.name_or_path if "encoder" in cfg.retriever else None,
+                                          "reranker": cfg.reranker.cross_encoder.name_or_path if cfg.get("reranker") else None,
                                           "metrics": scores, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
     print(f"run file and metrics.json in {run_dir}")

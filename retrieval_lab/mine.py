@@ -1,13 +1,15 @@
 """Mine hard negatives: `python -m retrieval_lab.mine [retriever=bm25|dense] [split=train] [n_neg=30] [skip_top=0]`.
 
 Retrieves the top ``depth`` documents for every query of the split, removes the judged positives and writes
-the negatives file of DESIGN.md (default: ``<data.path>/negatives/<retriever>-<split>.jsonl``).
+the negatives file of DESIGN.md (default: ``<data.path>/negatives/<retriever>-<split>.jsonl``). With
+``denoise.cross_encoder=<folder>``, candidates the cross-encoder scores as high as a positive are dropped.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -15,7 +17,7 @@ from retrieval_lab import config  # noqa: F401  (registers resolvers)
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
-from retrieval_lab.mining.negatives import mine_negatives
+from retrieval_lab.mining.negatives import denoise, mine_negatives
 
 
 def mine(cfg: DictConfig) -> Path:
@@ -25,6 +27,13 @@ def mine(cfg: DictConfig) -> Path:
     split = BeirDataset(cfg.data.path).split(cfg.split)
     run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
     mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
+    if cfg.denoise.cross_encoder:
+        from retrieval_lab.models.cross_encoder import CrossEncoder
+
+        teacher = CrossEncoder(cfg.denoise.cross_encoder, cfg.denoise.max_length)
+        mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin, cfg.denoise.batch_size,
+                                 "cuda" if torch.cuda.is_available() else "cpu")
+        print(f"denoising with {cfg.denoise.cross_encoder} dropped {dropped} candidates as likely positives")
     write_negatives(cfg.output, mined)
     counts = [len(r.neg) for r in mined.values()]
     print(f"{cfg.output}: {len(mined)} queries, {sum(counts) / max(1, len(counts)):.1f} negatives per query "

@@ -21,7 +21,6 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
-from retrieval_lab.retrieval.dense import DenseRetriever
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
 
@@ -41,25 +40,34 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     return loggers
 
 
-def build_data(cfg: DictConfig, dataset: BeirDataset, encoder) -> tuple[RetrievalDataModule, Qrels | None]:
-    """The training set the config asks for (pairs + negatives), batched; and the dev qrels for validation."""
+def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[RetrievalDataModule, Qrels | None]:
+    """The training set the config asks for (pairs + negatives), batched as ``module`` needs it; and the dev
+    qrels for validation."""
+    encoder = module.encoder
     train_qrels, dev_qrels = dataset.qrels(cfg.data.train_split), None
     extras = {}
     if cfg.negatives.get("file"):
         extras["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
     if cfg.negatives.get("balanced_bins"):
         extras["balanced_bins"] = cfg.negatives.balanced_bins
+    if getattr(module.loss, "needs_teacher", False) and not getattr(module, "provides_teacher", False):
+        extras["teacher"] = True
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
     elif cfg.validation.enabled:
         train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.seed)
     train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=cfg.negatives.group_size,
                                        seed=cfg.seed, **extras)
+    if getattr(train_set, "skipped", 0):
+        print(f"{train_set.skipped} training queries have no teacher score for a positive or for any negative in "
+              f"{cfg.negatives.file}; training on the other {len(train_set)}.")
     batch_sampler = None
     if cfg.negatives.get("clusters"):
         batch_sampler = tas_batch_sampler(train_set, encoder, cfg.negatives.clusters, cfg.negatives.clusters_per_batch,
                                           cfg.batch_size, cfg.seed)
-    collator = GroupCollator(encoder.tokenizer, encoder.query_max_length, encoder.doc_max_length)
+    towers = module.uses_towers
+    collator = GroupCollator(encoder.tokenizer if towers else None, getattr(encoder, "query_max_length", None),
+                             getattr(encoder, "doc_max_length", None), module.pair_tokenizer)
     return RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler), dev_qrels
 
 
@@ -80,9 +88,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     dataset = BeirDataset(cfg.data.path)
     test = dataset.split(cfg.eval.split)
     encoder = instantiate(cfg.model)
-    module = instantiate(cfg.negatives.module)(encoder=encoder, loss=instantiate(cfg.loss),
-                                               group_size=cfg.negatives.group_size, **cfg.optim)
-    datamodule, dev_qrels = build_data(cfg, dataset, encoder)
+    module_cfg = cfg.module if cfg.get("module") else cfg.negatives.module  # conf/module/* replaces the default
+    module = instantiate(module_cfg)(encoder=encoder, loss=instantiate(cfg.loss),
+                                     group_size=cfg.negatives.group_size, **cfg.optim)
+    datamodule, dev_qrels = build_data(cfg, dataset, module)
 
     commit = config.git_commit()  # the code as it was when the run started
     info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}
@@ -90,7 +99,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     write_json(run_dir / "run_info.json", hparams)
 
     def test_eval(name: str) -> dict:
-        retriever = DenseRetriever(encoder, cfg.eval.batch_size, cfg.eval.index, device="auto")
+        retriever = module.retriever(cfg.eval.batch_size, cfg.eval.index, device="auto")
         return evaluate_retriever(retriever, test, run_dir / name / "run.trec", cfg.eval.k, list(cfg.eval.metrics),
                                   tag=name)
 
@@ -103,6 +112,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.fit(module, datamodule=datamodule)
     if cfg.save_model:
         encoder.save(run_dir / "model")
+        if getattr(module, "cross_encoder", None) is not None:  # RocketQA-v2 trains a ranker too
+            module.cross_encoder.save(run_dir / "cross_encoder")
     if cfg.eval.after:
         results["after"] = test_eval("after")
     for logger in trainer.loggers:

@@ -75,3 +75,13 @@ def run_module(module: str, *args: str, cwd: Path = ROOT, timeout: int = 600) ->
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def bm25_negatives(beir_folder, tmp_path_factory) -> Path:
+    """BM25 negatives of the toy data set's train queries, mined by the real entry point."""
+    out = tmp_path_factory.mktemp("mined")
+    mined = run_module("retrieval_lab.mine", "data=beir", f"data.path={beir_folder}", f"output={out / 'bm25.jsonl'}",
+                       f"hydra.run.dir={out / 'run'}")
+    assert mined.returncode == 0, mined.stderr[-2000:]
+    return out / "bm25.jsonl"

@@ -56,15 +56,6 @@ def test_combinations_that_make_no_sense_are_refused(overrides, key):
         config.check_train_config(compose_train(overrides))
 
 
-@pytest.fixture(scope="module")
-def bm25_negatives(beir_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mined")
-    mined = run_module("retrieval_lab.mine", "data=beir", f"data.path={beir_folder}", f"output={out / 'bm25.jsonl'}",
-                       f"hydra.run.dir={out / 'run'}")
-    assert mined.returncode == 0, mined.stderr[-2000:]
-    return out / "bm25.jsonl"
-
-
 @pytest.mark.parametrize("negatives,extra", [("bm25", ["negatives.group_size=3"]), ("tas", []), ("tasb", []),
                                              ("ance", ["negatives.refresh.every_n_steps=1", "negatives.refresh.depth=10"])])
 def test_hard_negative_methods_train(negatives, extra, bm25_negatives, tiny_model, beir_folder, tmp_path):

@@ -14,8 +14,8 @@ CONF = ROOT / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
 
 
-PRIMARY_GROUPS = {"train": {"data", "model", "pairs", "negatives", "loss", "trainer", "logger"},
-                  "evaluate": {"data", "model", "retriever"}}
+PRIMARY_GROUPS = {"train": {"data", "model", "pairs", "negatives", "loss", "trainer", "logger", "module"},
+                  "evaluate": {"data", "model", "retriever", "reranker"}}
 
 
 def options(primary):

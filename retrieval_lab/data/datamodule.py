@@ -13,10 +13,14 @@ class GroupCollator:
 
     ``mask[i, j]`` is True when document column j is a judged positive of query i other than its own target
     column i*G (the same abstract can be the positive of several queries): such columns are no negatives.
+    ``teacher`` (B x G) holds the examples' teacher scores when they carry some. With ``pair_tokenizer``
+    ((tokenizer, max length) of a cross-encoder), ``pairs`` holds ``[CLS] query [SEP] doc [SEP]`` for every
+    group entry in the same order as ``docs``; ``tokenizer=None`` skips the bi-encoder's query/doc inputs.
     """
 
-    def __init__(self, tokenizer, query_max_length: int, doc_max_length: int):
+    def __init__(self, tokenizer, query_max_length: int, doc_max_length: int, pair_tokenizer=None):
         self.tokenizer, self.query_max_length, self.doc_max_length = tokenizer, query_max_length, doc_max_length
+        self.pair_tokenizer = pair_tokenizer
 
     def _tokenize(self, texts, max_length):
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -26,13 +30,18 @@ class GroupCollator:
         doc_ids = [d for ex in examples for d in ex["doc_ids"]]
         mask = torch.tensor([[d in ex["positives"] for d in doc_ids] for ex in examples], dtype=torch.bool)
         mask[torch.arange(len(examples)), torch.arange(len(examples)) * group] = False
-        return {
-            "query": self._tokenize([ex["query"] for ex in examples], self.query_max_length),
-            "docs": self._tokenize([t for ex in examples for t in ex["docs"]], self.doc_max_length),
-            "mask": mask,
-            "qids": [ex["qid"] for ex in examples],
-            "doc_ids": doc_ids,
-        }
+        batch = {"mask": mask, "qids": [ex["qid"] for ex in examples], "doc_ids": doc_ids}
+        if self.tokenizer is not None:
+            batch["query"] = self._tokenize([ex["query"] for ex in examples], self.query_max_length)
+            batch["docs"] = self._tokenize([t for ex in examples for t in ex["docs"]], self.doc_max_length)
+        if "teacher" in examples[0]:
+            batch["teacher"] = torch.tensor([ex["teacher"] for ex in examples], dtype=torch.float32)
+        if self.pair_tokenizer is not None:
+            tokenizer, max_length = self.pair_tokenizer
+            batch["pairs"] = tokenizer([ex["query"] for ex in examples for _ in ex["docs"]],
+                                       [t for ex in examples for t in ex["docs"]], padding=True,
+                                       truncation="only_second", max_length=max_length, return_tensors="pt")
+        return batch
 
 
 class RetrievalDataModule(L.LightningDataModule):

@@ -24,10 +24,13 @@ class SupervisedPairs(Dataset):
     """One example per judged query: a positive drawn from its qrels, then ``group_size - 1`` hard negatives
     drawn (without replacement while there are enough) from its mined list; a query with no mined negative
     gets random corpus documents that are not its positives. With ``balanced_bins`` (TAS-B) the pair is drawn
-    uniformly over margin bins of the file's teacher scores instead."""
+    uniformly over margin bins of the file's teacher scores instead. With ``teacher`` (distillation losses)
+    only documents the file scores are drawn, each example carries their teacher scores, and queries without a
+    scored positive and a scored negative are left out (``skipped`` counts them)."""
 
     def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0,
-                 negatives: dict[str, QueryNegatives] | None = None, balanced_bins: int | None = None):
+                 negatives: dict[str, QueryNegatives] | None = None, balanced_bins: int | None = None,
+                 teacher: bool = False):
         self.dataset, self.group_size, self.seed, self.epoch = dataset, group_size, seed, 0
         self.qids = [q for q in sorted(qrels) if any(s > 0 for s in qrels[q].values())]
         self.positives = {q: sorted(d for d, s in qrels[q].items() if s > 0) for q in self.qids}
@@ -35,14 +38,29 @@ class SupervisedPairs(Dataset):
             raise DataError(f"the training qrels of {dataset.path} hold no positive judgement (score > 0).")
         if group_size != 1 and negatives is None:
             raise ConfigError("supervised pairs without a negatives file need negatives.group_size=1.")
+        if (balanced_bins or teacher) and (group_size < 2 or negatives is None):
+            raise ConfigError("teacher scores (TAS-B bins, distillation losses) come with the negatives file: they "
+                              "need negatives.group_size >= 2 and a negatives file with scores.")
+        if balanced_bins and group_size != 2:
+            raise ConfigError("TAS-B balanced sampling picks one (positive, negative) pair per query: it needs "
+                              "negatives.group_size=2.")
         self.negatives = {q: [d for d in negatives[q].neg if d not in self.positives[q]] if q in negatives else []
                           for q in self.qids} if negatives is not None else {}
         self._doc_ids = list(dataset.corpus)
-        self.balanced_bins = balanced_bins
-        if balanced_bins and (group_size != 2 or negatives is None):
-            raise ConfigError("TAS-B balanced sampling picks one (positive, negative) pair per query: it needs "
-                              "negatives.group_size=2 and a negatives file with teacher scores.")
-        self.scores = {q: negatives[q].scores for q in self.qids if q in negatives} if balanced_bins else {}
+        self.balanced_bins, self.teacher = balanced_bins, teacher
+        self.scores = {q: negatives[q].scores for q in self.qids if q in negatives} if balanced_bins or teacher else {}
+        self.skipped = 0
+        if teacher:
+            for q in self.qids:
+                scored = self.scores.get(q, {})
+                self.positives[q] = [d for d in self.positives[q] if d in scored]
+                self.negatives[q] = [d for d in self.negatives[q] if d in scored]
+            kept = [q for q in self.qids if self.positives[q] and self.negatives[q]]
+            self.skipped = len(self.qids) - len(kept)
+            if not kept:
+                raise DataError("the negatives file scores no (positive, negative) pair of any training query: "
+                                "score it with `python -m retrieval_lab.score`.")
+            self.qids = kept
 
     def margin_pairs(self, qid: str) -> list[tuple[str, str, float]]:
         """Every (positive, negative, teacher margin) of a query whose two teacher scores are known."""
@@ -78,8 +96,11 @@ class SupervisedPairs(Dataset):
             doc_ids = list(balanced_pair(pairs, self.balanced_bins, rng))
         else:
             doc_ids = [rng.choice(self.positives[qid])] + (self.draw_negatives(qid, rng) if self.group_size > 1 else [])
-        return {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": doc_ids,
-                "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.positives[qid])}
+        example = {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": doc_ids,
+                   "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.positives[qid])}
+        if self.teacher:
+            example["teacher"] = [self.scores[qid][d] for d in doc_ids]
+        return example
 
 
 # ---------------------------------------------------------------------------------------------------------------

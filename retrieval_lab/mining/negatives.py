@@ -28,3 +28,24 @@ def mine_negatives(run: dict[str, dict[str, float]], qrels: Qrels, n_neg: int = 
         scores.update(negatives)
         mined[qid] = QueryNegatives(positives, [d for d, _ in negatives], scores)
     return mined
+
+
+def denoise(mined: dict[str, QueryNegatives], queries: dict[str, str], corpus: dict, cross_encoder,
+            margin: float = 0.0, batch_size: int = 64, device=None) -> tuple[dict[str, QueryNegatives], int]:
+    """RocketQA's denoised hard negatives (Qu et al., 2021): a cross-encoder scores each query's positives and
+    candidates, and a candidate scoring at least (best positive's score - ``margin``) is taken for an unjudged
+    positive and dropped. Returns the filtered negatives and how many were dropped."""
+    pairs = [(qid, d) for qid, r in mined.items() for d in dict.fromkeys(r.pos + r.neg)]
+    scores = cross_encoder.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs],
+                                 batch_size, device)
+    by_query: dict[str, dict[str, float]] = {}
+    for (qid, doc_id), score in zip(pairs, scores):
+        by_query.setdefault(qid, {})[doc_id] = score
+    out, dropped = {}, 0
+    for qid, r in mined.items():
+        ce = by_query.get(qid, {})
+        bar = max(ce[p] for p in r.pos) - margin if r.pos else float("inf")
+        keep = [d for d in r.neg if ce[d] < bar]
+        dropped += len(r.neg) - len(keep)
+        out[qid] = QueryNegatives(r.pos, keep, {d: s for d, s in r.scores.items() if d in r.pos or d in keep})
+    return out, dropped

@@ -5,6 +5,8 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from retrieval_lab.retrieval.dense import DenseRetriever
+
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int):
     """Learning-rate factor: 0 -> 1 linearly over ``warmup_steps``, then 1 -> 0 linearly until ``total_steps``."""
@@ -21,14 +23,24 @@ class BiEncoderModule(L.LightningModule):
         super().__init__()
         self.encoder, self.loss = encoder, loss
         self.group_size, self.lr, self.weight_decay, self.warmup_ratio = group_size, lr, weight_decay, warmup_ratio
-        self.save_hyperparameters(ignore=["encoder", "loss"])
+        self.save_hyperparameters(ignore=["encoder", "loss", "cross_encoder"])
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.encode_queries(batch["query"]), self.encoder.encode_docs(batch["docs"])
 
+    # what the DataModule puts in each batch: the towers' query/doc inputs; (tokenizer, max length) of a
+    # cross-encoder for [CLS] q [SEP] d [SEP] inputs (None: none)
+    uses_towers = True
+    pair_tokenizer = None
+
+    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True):
+        """What validation and the test evaluation retrieve with: a faiss index of this encoder's embeddings."""
+        return DenseRetriever(self.encoder, batch_size, index, device, progress)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         q, d = self(batch)
-        loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"))
+        teacher = {"teacher": batch["teacher"]} if "teacher" in batch else {}
+        loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **teacher)
         self.log("train/loss", loss, prog_bar=True, batch_size=q.size(0))
         return loss
 

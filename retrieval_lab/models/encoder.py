@@ -42,10 +42,10 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def _from_pretrained(auto_class, name_or_path: str, what: str):
+def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     path = resolve_model_path(name_or_path)
     try:
-        return auto_class.from_pretrained(path)
+        return auto_class.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, and the hub has no such "
                           f"model or cannot be reached ({str(err).splitlines()[0]}).") from None

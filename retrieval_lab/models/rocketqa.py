@@ -1,0 +1,48 @@
+"""RocketQA-v2 dynamic listwise distillation (Ren et al., 2021, "RocketQAv2: A Joint Training Method for Dense
+Passage Retrieval and Passage Re-ranking").
+
+The retriever (bi-encoder) and the re-ranker (cross-encoder) are trained together on the same groups (positive
+first, then hard negatives). For query i the ranker's scores R_i over its group define the target distribution;
+the retriever learns from the configured teacher loss (``loss=listwise_kl``: KL(softmax(R_i) || softmax(S_i / tau))
+with S_ig = q_i . d_{i,g}), and the ranker from supervised cross-entropy on the positive:
+
+    L = L_KL(R.detach(), S) + L_CE(R, positive)
+
+so the teacher moves with the training ("dynamic") but is taught by labels only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.cross_encoder import CrossEncoder
+
+
+class RocketQAModule(BiEncoderModule):
+    provides_teacher = True  # the teacher scores are the ranker's, computed in each step
+
+    def __init__(self, encoder, loss, cross_encoder: CrossEncoder, group_size: int = 2, **kwargs):
+        if group_size < 2:
+            raise ConfigError("module=rocketqa needs hard negatives: negatives.group_size >= 2 and a negatives file.")
+        if not getattr(loss, "needs_teacher", False):
+            raise ConfigError("module=rocketqa distils the ranker into the retriever: use loss=listwise_kl "
+                              "(or another teacher loss such as margin_mse).")
+        super().__init__(encoder, loss, group_size, **kwargs)
+        self.cross_encoder = cross_encoder
+
+    @property
+    def pair_tokenizer(self):
+        return self.cross_encoder.tokenizer, self.cross_encoder.max_length
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        q, d = self(batch)
+        ranker = self.cross_encoder(batch["pairs"]).view(q.size(0), self.group_size).float()
+        retriever_loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), teacher=ranker.detach())
+        ranker_loss = F.cross_entropy(ranker, torch.zeros(q.size(0), dtype=torch.long, device=ranker.device))
+        size = q.size(0)
+        self.log_dict({"train/retriever_loss": retriever_loss, "train/ranker_loss": ranker_loss}, batch_size=size)
+        loss = retriever_loss + ranker_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss

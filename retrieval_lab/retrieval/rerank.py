@@ -1,0 +1,34 @@
+"""Two-stage retrieval: a first stage (BM25 or dense) retrieves ``depth`` candidates, a cross-encoder re-scores
+them, and the ranking follows the cross-encoder's scores."""
+from __future__ import annotations
+
+import torch
+
+from retrieval_lab.data.beir import Document
+from retrieval_lab.errors import ConfigError
+
+
+class Reranker:
+    def __init__(self, first_stage, cross_encoder, depth: int = 100, batch_size: int = 64, device: str | None = None,
+                 progress: bool = True):
+        if depth < 1:
+            raise ConfigError(f"reranker.depth must be at least 1, got {depth}.")
+        self.first_stage, self.cross_encoder, self.depth = first_stage, cross_encoder, depth
+        self.batch_size, self.progress = batch_size, progress
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device is not None:
+            self.cross_encoder.to(device)
+        self.device = device
+
+    def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
+        """The top ``min(k, depth)`` of each query's first-stage candidates, by cross-encoder score."""
+        candidates = self.first_stage.retrieve(corpus, queries, max(k, self.depth))
+        pairs = [(qid, doc_id) for qid, docs in candidates.items()
+                 for doc_id, _ in sorted(docs.items(), key=lambda item: (-item[1], item[0]))[:self.depth]]
+        scores = self.cross_encoder.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs],
+                                          self.batch_size, self.device, self.progress)
+        run: dict[str, dict[str, float]] = {qid: {} for qid in queries}
+        for (qid, doc_id), score in zip(pairs, scores):
+            run[qid][doc_id] = score
+        return {qid: dict(sorted(docs.items(), key=lambda item: -item[1])[:k]) for qid, docs in run.items()}

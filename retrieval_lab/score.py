@@ -1,0 +1,58 @@
+"""Score a negatives file with a teacher: `python -m retrieval_lab.score model.name_or_path=<cross-encoder> [input=...]`.
+
+Every (query, listed document) pair of the input file, positives and negatives, is scored by the cross-encoder;
+the output is the same JSONL with ``scores`` replaced by the teacher's (DESIGN.md format), ready for
+``loss=margin_mse``, ``loss=listwise_kl`` and ``negatives=tasb``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.negatives import QueryNegatives, read_negatives, write_negatives
+from retrieval_lab.errors import ConfigError, exit_on_user_error
+
+
+def score_negatives(records: dict[str, QueryNegatives], queries: dict[str, str], corpus: dict, teacher,
+                    batch_size: int = 64, device: str | None = None) -> dict[str, QueryNegatives]:
+    pairs = [(qid, doc_id) for qid, r in records.items() for doc_id in dict.fromkeys(r.pos + r.neg)]
+    scores = teacher.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs], batch_size, device)
+    out = {qid: QueryNegatives(r.pos, r.neg, {}) for qid, r in records.items()}
+    for (qid, doc_id), score in zip(pairs, scores):
+        out[qid].scores[doc_id] = score
+    return out
+
+
+def score(cfg: DictConfig) -> Path:
+    if Path(cfg.output).resolve() == Path(cfg.input).resolve():
+        raise ConfigError(f"output={cfg.output} would overwrite the input file: choose another output path.")
+    dataset = BeirDataset(cfg.data.path)
+    split = cfg.get("split")
+    records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
+    teacher = instantiate(cfg.model)
+    device = cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher.to(device)
+    scored = score_negatives(records, dataset.queries, dataset.corpus, teacher, cfg.batch_size, device)
+    write_negatives(cfg.output, scored)
+    print(f"{cfg.output}: {sum(len(r.scores) for r in scored.values())} pairs of {len(scored)} queries scored by "
+          f"{cfg.model.name_or_path}")
+    return Path(cfg.output)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="score")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        score(cfg)
+
+
+if __name__ == "__main__":
+    main()
