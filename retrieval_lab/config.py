@@ -60,6 +60,9 @@ def check_train_config(cfg: DictConfig) -> None:
     module = (cfg.get("module") or cfg.negatives.module)._target_.rsplit(".", 1)[-1]
     loss = cfg.loss._target_.rsplit(".", 1)[-1]
     needs_teacher = getattr(get_class(cfg.loss._target_), "needs_teacher", False)
+    if cfg.model._target_.endswith("CrossEncoder") != (module == "CrossEncoderModule"):
+        raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
+                          "the other modules train a bi-encoder model.")
     if module == "CrossEncoderModule" and (cfg.negatives.get("refresh") or cfg.negatives.get("clusters")):
         raise ConfigError("module=cross_encoder trains on fixed negatives files (negatives=bm25): ANCE re-mining and "
                           "TAS clustering need a bi-encoder's embeddings.")

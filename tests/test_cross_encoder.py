@@ -197,6 +197,8 @@ def test_rocketqa_ranker_learns_from_labels_only_and_retriever_from_the_ranker(t
     (["module=cross_encoder", "negatives=tas"], "module=cross_encoder trains on fixed negatives files"),
     (["module=cross_encoder", "negatives.group_size=1"], "module=cross_encoder needs groups of hard negatives"),
     (["module=rocketqa", "negatives=inbatch"], "module=rocketqa needs groups of hard negatives"),
+    (["model=cross_encoder", "negatives=bm25"], "a cross-encoder is trained with module=cross_encoder"),
+    (["module=cross_encoder", "model=minilm"], "a cross-encoder is trained with module=cross_encoder"),
 ])
 def test_distillation_settings_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
