@@ -13,25 +13,39 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config  # noqa: F401  (registers resolvers)
-from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.data.beir import BeirDataset, BeirSplit, carve_dev
 from retrieval_lab.errors import exit_on_user_error
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
+from retrieval_lab.retrieval.fusion import HybridRetriever
 from retrieval_lab.retrieval.runfile import write_json
+
+
+def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
+    """The data set's dev split, else the train queries a training run with the same seed holds out."""
+    if cfg.data.get("dev_split"):
+        return dataset.split(cfg.data.dev_split)
+    return dataset.subset(carve_dev(dataset.qrels(cfg.data.train_split), cfg.data.dev_fraction, cfg.seed)[1])
 
 
 def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    split = BeirDataset(cfg.data.path).split(cfg.split)
+    dataset = BeirDataset(cfg.data.path)
+    split = dataset.split(cfg.split)
     retriever = instantiate(cfg.retriever)
     name = Path(cfg.retriever._target_).suffix.lstrip(".")
+    extra = {}
+    if isinstance(retriever, HybridRetriever) and retriever.method == "linear" and retriever.alpha is None:
+        retriever.dev = dev_split(dataset, cfg)
     if cfg.get("reranker"):
         retriever = instantiate(cfg.reranker)(first_stage=retriever)
         name = f"{name}+{Path(cfg.reranker._target_).suffix.lstrip('.')}"
     scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name)
+    if isinstance(retriever, HybridRetriever):
+        extra = {"alpha": retriever.alpha, "dev_" + retriever.tune_metric: retriever.tuning or None}
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
                                           "model": cfg.model.name_or_path if "encoder" in cfg.retriever else None,
                                           "reranker": cfg.reranker.cross_encoder.name_or_path if cfg.get("reranker") else None,
-                                          "metrics": scores, **config.git_commit()})
+                                          "metrics": scores, **extra, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
     print(f"run file and metrics.json in {run_dir}")
     return scores
