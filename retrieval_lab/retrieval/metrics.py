@@ -8,20 +8,37 @@ Run = dict[str, dict[str, float]]
 DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100", "precision@10")
 
 
-def evaluate_run(qrels: Qrels, run: Run, metrics=DEFAULT_METRICS) -> dict[str, float]:
-    """Mean of each metric over the queries of ``qrels``; a query with no retrieved document scores 0.
-
-    Judgements with score <= 0 are not relevant (as in trec_eval) and are dropped before scoring.
-    """
+def _ranx_inputs(qrels: Qrels, run: Run):
     from ranx import Qrels as RanxQrels
     from ranx import Run as RanxRun
-    from ranx import evaluate
 
     judged = {q: {d: int(s) for d, s in docs.items() if s > 0} for q, docs in qrels.items()}
     judged = {q: docs for q, docs in judged.items() if docs}
     # ranx needs every judged query in the run; an empty ranking is a dummy document with no judgement.
     filled = {q: (run.get(q) or {"__no_result__": 0.0}) for q in judged}
-    scores = evaluate(RanxQrels(judged), RanxRun(filled), list(metrics), make_comparable=True)
+    return RanxQrels(judged), RanxRun(filled)
+
+
+def per_query(qrels: Qrels, run: Run, metrics=DEFAULT_METRICS) -> dict[str, dict[str, float]]:
+    """metric -> {query id: score} over the judged queries (the inputs of paired significance tests)."""
+    from ranx import evaluate
+
+    ranx_qrels, ranx_run = _ranx_inputs(qrels, run)
+    scores = evaluate(ranx_qrels, ranx_run, list(metrics), return_mean=False, make_comparable=True)
+    if not isinstance(scores, dict):
+        scores = {metrics[0]: scores}
+    qids = list(ranx_qrels.keys())
+    return {m: {q: float(v) for q, v in zip(qids, scores[m])} for m in metrics}
+
+
+def evaluate_run(qrels: Qrels, run: Run, metrics=DEFAULT_METRICS) -> dict[str, float]:
+    """Mean of each metric over the queries of ``qrels``; a query with no retrieved document scores 0.
+
+    Judgements with score <= 0 are not relevant (as in trec_eval) and are dropped before scoring.
+    """
+    from ranx import evaluate
+
+    scores = evaluate(*_ranx_inputs(qrels, run), list(metrics), make_comparable=True)
     if isinstance(scores, float):
         scores = {metrics[0]: scores}
     return {name: float(value) for name, value in scores.items()}

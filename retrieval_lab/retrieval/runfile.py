@@ -49,3 +49,13 @@ def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
             except ValueError:
                 raise DataError(f"{path} line {lineno}: score {fields[4]!r} is not a number.") from None
     return run
+
+
+def read_json(path: str | Path):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not valid JSON ({err}).") from None

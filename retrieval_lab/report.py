@@ -1,0 +1,248 @@
+"""Collect a sweep into one table: `python -m retrieval_lab.report <multirun dir> [--baseline "loss=infonce"]`.
+
+Every run directory under the folder that holds a ``metrics.json`` is one run; runs whose Hydra overrides differ
+only in ``seed`` form one configuration. For each configuration and metric the table gives mean ± standard
+deviation over seeds, and a paired test over queries (per-query scores averaged over seeds; ranx's paired
+t-test, or with --test fisher its randomisation test) against the baseline configuration marks significant
+differences.
+Writes ``report.md``, ``report.csv``, one bar plot per metric and the validation curves (PNG) into ``--out``
+(default ``<folder>/report``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from retrieval_lab.errors import DataError, exit_on_user_error
+from retrieval_lab.retrieval.runfile import atomic_write_text, read_json, read_trec_run
+
+IGNORED = ("seed", "hydra.")
+TESTS = {"student": "paired t-test", "fisher": "Fisher randomisation test"}
+
+
+@dataclass
+class Config:
+    label: dict[str, str]
+    runs: list[Path] = field(default_factory=list)
+    seeds: list[str] = field(default_factory=list)
+    means: dict[str, list[float]] = field(default_factory=dict)      # metric -> one value per run
+    per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> qid -> mean over runs
+
+    @property
+    def name(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.label.items()) or "(defaults)"
+
+
+def find_runs(folder: Path) -> list[tuple[Path, dict[str, str], dict]]:
+    found = []
+    def natural(path: Path):  # job folders 0, 1, ..., 10 in numeric order
+        return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(folder).parts]
+
+    for metrics_file in sorted(folder.rglob("metrics.json"), key=natural):
+        run = metrics_file.parent
+        if "report" in run.relative_to(folder).parts:
+            continue
+        overrides_file = run / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        choices = dict(o.lstrip("+~").split("=", 1) for o in overrides or [] if "=" in o)
+        found.append((run, choices, read_json(metrics_file)))
+    if not found:
+        raise DataError(f"no run under {folder} has a metrics.json (is it a multirun folder of finished runs?).")
+    return found
+
+
+def run_scores(run: Path, metrics: dict, stage: str) -> tuple[dict[str, float], Path | None]:
+    """The run's mean metrics of ``stage`` (training) or of an evaluation, and its TREC run file."""
+    if stage in metrics:
+        return metrics[stage], run / stage / "run.trec"
+    if "metrics" in metrics:
+        return metrics["metrics"], run / "run.trec"
+    raise DataError(f"{run / 'metrics.json'} has no '{stage}' metrics (set --stage to one it has).")
+
+
+def judged_qrels(run: Path, cache: dict):
+    """The qrels the run was scored on, from its saved config (data.path and the evaluated split)."""
+    from retrieval_lab.data.beir import BeirDataset
+
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    split = (cfg.get("eval") or {}).get("split") or cfg.get("split")
+    key = (cfg["data"]["path"], split)
+    if key not in cache:
+        cache[key] = BeirDataset(key[0]).qrels(split)
+    return cache[key]
+
+
+def collect(folder: Path, metrics: list[str], stage: str) -> list[Config]:
+    from retrieval_lab.retrieval.metrics import per_query
+
+    found = find_runs(folder)
+    varying = sorted({k for _, c, _ in found for k in c
+                      if not k.startswith(IGNORED) and len({x.get(k) for _, x, _ in found}) > 1})
+    configs: dict[tuple, Config] = {}
+    qrels_cache: dict = {}
+    for run, choices, saved in found:
+        label = {k: choices.get(k, "-") for k in varying}
+        config = configs.setdefault(tuple(label.items()), Config(label))
+        scores, run_file = run_scores(run, saved, stage)
+        config.runs.append(run)
+        config.seeds.append(choices.get("seed", "-"))
+        for m in metrics:
+            if m not in scores:
+                raise DataError(f"{run / 'metrics.json'} has no {m} (metrics there: {', '.join(scores)}).")
+            config.means.setdefault(m, []).append(float(scores[m]))
+        if run_file is not None and run_file.is_file() and (run / ".hydra" / "config.yaml").is_file():
+            queries = per_query(judged_qrels(run, qrels_cache), read_trec_run(run_file), metrics)
+            n = len(config.runs)
+            for m, by_q in queries.items():
+                acc = config.per_query.setdefault(m, {})
+                for q, v in by_q.items():  # running mean over the configuration's runs
+                    acc[q] = acc.get(q, 0.0) + (v - acc.get(q, 0.0)) / n
+    return list(configs.values())
+
+
+def significance(baseline: Config, other: Config, metric: str, test: str, max_p: float) -> float | None:
+    """p-value of the paired test over the queries both configurations were scored on (None: not testable)."""
+    from ranx.statistical_tests import fisher_randomization_test, paired_student_t_test
+    import numpy as np
+
+    a, b = baseline.per_query.get(metric), other.per_query.get(metric)
+    if not a or not b or other is baseline:
+        return None
+    qids = sorted(a.keys() & b.keys())
+    x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
+    if len(qids) < 2 or np.allclose(x, y):
+        return 1.0
+    if test == "student":
+        p, _ = paired_student_t_test(x, y, max_p)
+    else:
+        p, _ = fisher_randomization_test(x, y, n_permutations=10000, max_p=max_p, random_seed=42)
+    return float(p)
+
+
+def pick_baseline(configs: list[Config], spec: str | None) -> Config:
+    if not spec:
+        return configs[0]
+    wanted = dict(part.split("=", 1) for part in spec.replace(",", " ").split())
+    matches = [c for c in configs if all(c.label.get(k) == v for k, v in wanted.items())]
+    if len(matches) != 1:
+        names = "; ".join(c.name for c in configs)
+        raise DataError(f"--baseline '{spec}' matches {len(matches)} configurations, not one (there are: {names}).")
+    return matches[0]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def tables(configs: list[Config], baseline: Config, metrics: list[str], test: str, max_p: float) -> tuple[str, str]:
+    keys = list(baseline.label)
+    md = io.StringIO()
+    md.write("| " + " | ".join([*keys, "runs", *metrics]) + " |\n|" + " --- |" * (len(keys) + 1 + len(metrics)) + "\n")
+    rows = []
+    for c in configs:
+        cells, row = [], {**c.label, "runs": len(c.runs), "baseline": c is baseline}
+        for m in metrics:
+            mean, std = mean_std(c.means[m])
+            p = significance(baseline, c, m, test, max_p)
+            mark = ""
+            if p is not None and p <= max_p:
+                mark = " ▲" if mean > statistics.fmean(baseline.means[m]) else " ▼"
+            cells.append(f"{mean:.4f} ± {std:.4f}{mark}")
+            row.update({f"{m}_mean": round(mean, 6), f"{m}_std": round(std, 6), f"{m}_p": p})
+        name_cells = [*c.label.values()] if c is not baseline else [f"**{v}**" for v in c.label.values()]
+        md.write("| " + " | ".join([*name_cells, str(len(c.runs)), *cells]) + " |\n")
+        rows.append(row)
+    md.write(f"\nBold: the baseline. ▲/▼: significantly better/worse than the baseline ({TESTS[test]} over "
+             f"queries on per-query scores averaged over seeds, p <= {max_p}). Mean ± standard deviation over runs.\n")
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return md.getvalue(), out.getvalue()
+
+
+def plots(configs: list[Config], metrics: list[str], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    names = [c.name for c in configs]
+    for m in metrics:
+        stats = [mean_std(c.means[m]) for c in configs]
+        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(configs) + 2), 4))
+        ax.bar(range(len(configs)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, color="#4c72b0")
+        ax.set_xticks(range(len(configs)), names, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel(m)
+        low = min(s[0] - s[1] for s in stats)
+        ax.set_ylim(max(0.0, low - 0.05), None)
+        fig.tight_layout()
+        path = out / f"{m.replace('@', '_at_')}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    curves = {c.name: [validation_curve(r) for r in c.runs] for c in configs}
+    if any(curve for runs in curves.values() for curve in runs):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, (name, runs) in enumerate(curves.items()):
+            for j, curve in enumerate(c for c in runs if c):
+                ax.plot(*zip(*curve), color=f"C{i % 10}", alpha=0.8, label=name if j == 0 else None, marker="o")
+        ax.set_xlabel("step")
+        ax.set_ylabel("val/ndcg@10")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "validation_curves.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def validation_curve(run: Path, key: str = "val/ndcg@10") -> list[tuple[int, float]]:
+    log = run / "csv" / "metrics.csv"
+    if not log.is_file():
+        return []
+    with open(log, newline="") as handle:
+        return [(int(row["step"]), float(row[key])) for row in csv.DictReader(handle) if row.get(key)]
+
+
+def report(folder: Path, metrics: list[str], stage: str = "after", baseline: str | None = None,
+           test: str = "student", max_p: float = 0.05, out: Path | None = None) -> Path:
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder (give the multirun directory of a sweep).")
+    configs = collect(folder, metrics, stage)
+    base = pick_baseline(configs, baseline)
+    md, table_csv = tables(configs, base, metrics, test, max_p)
+    out = out or folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images = plots(configs, metrics, out)
+    atomic_write_text(out / "report.md", f"# {folder}\n\n{md}\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images))
+    atomic_write_text(out / "report.csv", table_csv)
+    print(md)
+    print(f"report.md, report.csv and {len(images)} plots in {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a multirun folder (or any folder of finished runs)")
+    parser.add_argument("--metrics", nargs="+", default=["ndcg@10", "recall@100", "mrr@10"])
+    parser.add_argument("--stage", default="after", help="which metrics of a training run: after or before")
+    parser.add_argument("--baseline", help='the baseline row, e.g. "loss=infonce negatives=inbatch" (default: first)')
+    parser.add_argument("--test", choices=["student", "fisher"], default="student")
+    parser.add_argument("--max-p", type=float, default=0.05)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    with exit_on_user_error():
+        report(args.folder, args.metrics, args.stage, args.baseline, args.test, args.max_p, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The sweep report on a synthetic multirun folder: table values against hand computation (mean, sample std,
+scipy's paired t-test on per-query nDCG@10 computed from the ranks), the baseline choice, plots and errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+
+import pytest
+import yaml
+from scipy.stats import ttest_rel
+
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.errors import DataError
+from retrieval_lab.report import report
+
+# rank of each test query's one relevant document, per configuration and seed
+RANKS = {
+    "infonce": {1: lambda i: 1 + i % 3, 2: lambda i: 1 + (i + 1) % 3},
+    "samtone": {1: lambda i: 1, 2: lambda i: 1 + (i == 0)},
+    "margin": {1: lambda i: 1 + i % 3, 2: lambda i: 1 + (i + 1) % 3},   # the same rankings as infonce
+}
+
+
+def ndcg(rank):  # one relevant document (gain 1) at ``rank``
+    return 1 / math.log2(rank + 1) if rank <= 10 else 0.0
+
+
+@pytest.fixture
+def sweep(beir_folder, tmp_path):
+    qrels = BeirDataset(beir_folder).qrels("test")
+    qids = sorted(qrels)
+    per_query = {}
+    for num, (loss, seed) in enumerate((l, s) for l in RANKS for s in (1, 2)):
+        run = tmp_path / "sweep" / str(num)
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"loss={loss}", f"seed={seed}", "batch_size=8"]))
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(beir_folder)},
+                                                                    "eval": {"split": "test"}}))
+        lines, scores = [], []
+        for i, q in enumerate(qids):
+            relevant, rank = next(iter(qrels[q])), RANKS[loss][seed](i)
+            others = [f"d{k}" for k in range(60) if f"d{k}" != relevant][:9]
+            ranking = others[:rank - 1] + [relevant] + others[rank - 1:]
+            lines += [f"{q} Q0 {d} {r} {10 - r} t" for r, d in enumerate(ranking, 1)]
+            scores.append(ndcg(rank))
+        per_query[(loss, seed)] = scores
+        (run / "after").mkdir()
+        (run / "after" / "run.trec").write_text("\n".join(lines) + "\n")
+        mean = statistics.fmean(scores)
+        (run / "metrics.json").write_text(json.dumps({"after": {"ndcg@10": mean, "recall@100": 1.0}}))
+        (run / "csv").mkdir()
+        (run / "csv" / "metrics.csv").write_text("epoch,step,val/ndcg@10\n0,10,0.5\n1,20,0.6\n")
+    return tmp_path / "sweep", per_query
+
+
+def test_report_table_matches_hand_computation(sweep):
+    folder, per_query = sweep
+    out = report(folder, ["ndcg@10", "recall@100"], baseline="loss=infonce")
+    rows = {r["loss"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    assert set(rows) == {"infonce", "samtone", "margin"} and rows["infonce"]["runs"] == "2"
+    for loss in RANKS:
+        seeds = [statistics.fmean(per_query[(loss, s)]) for s in (1, 2)]
+        assert float(rows[loss]["ndcg@10_mean"]) == pytest.approx(statistics.fmean(seeds), abs=1e-6)
+        assert float(rows[loss]["ndcg@10_std"]) == pytest.approx(statistics.stdev(seeds), abs=1e-6)
+    averaged = {loss: [(a + b) / 2 for a, b in zip(per_query[(loss, 1)], per_query[(loss, 2)])] for loss in RANKS}
+    expected_p = ttest_rel(averaged["infonce"], averaged["samtone"]).pvalue
+    assert float(rows["samtone"]["ndcg@10_p"]) == pytest.approx(expected_p, rel=1e-6)
+    assert float(rows["margin"]["ndcg@10_p"]) == 1.0 and rows["infonce"]["ndcg@10_p"] == ""
+    md = (out / "report.md").read_text()
+    samtone_row = next(line for line in md.splitlines() if line.startswith("| samtone"))
+    assert "▲" in samtone_row and expected_p < 0.05
+    assert "▲" not in next(line for line in md.splitlines() if line.startswith("| margin"))
+    assert (out / "ndcg_at_10.png").stat().st_size > 0 and (out / "validation_curves.png").is_file()
+
+
+def test_report_refuses_what_it_cannot_read(sweep, tmp_path):
+    folder, _ = sweep
+    with pytest.raises(DataError, match="matches 0 configurations"):
+        report(folder, ["ndcg@10"], baseline="loss=nothing")
+    with pytest.raises(DataError, match="has no mrr@10"):
+        report(folder, ["mrr@10"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has a metrics.json"):
+        report(tmp_path / "empty", ["ndcg@10"])
+    (folder / "0" / "metrics.json").write_text("{not json")
+    with pytest.raises(DataError, match="0/metrics.json is not valid JSON"):
+        report(folder, ["ndcg@10"])
