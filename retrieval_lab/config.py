@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def _precision() -> str:
 
 
 OmegaConf.register_new_resolver("auto_precision", _precision, replace=True)
+# run folders are <time>_<process id>: two runs started in the same second on one machine never share a folder
+OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
 for _noisy in ("faiss.loader", "bm25s"):  # Hydra logs at INFO; these would print their internals
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 

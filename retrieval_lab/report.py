@@ -70,9 +70,11 @@ def judged_qrels(run: Path, cache: dict):
     """The qrels the run was scored on, from its saved config (data.path and the evaluated split)."""
     from retrieval_lab.data.beir import BeirDataset
 
-    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    split = (cfg.get("eval") or {}).get("split") or cfg.get("split")
-    key = (cfg["data"]["path"], split)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")  # as saved: interpolations resolve on access
+    split = OmegaConf.select(cfg, "eval.split") or OmegaConf.select(cfg, "split")
+    key = (OmegaConf.select(cfg, "data.path"), split)
     if key not in cache:
         cache[key] = BeirDataset(key[0]).qrels(split)
     return cache[key]

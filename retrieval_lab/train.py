@@ -25,6 +25,20 @@ from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
 
 
+def hydra_job() -> dict:
+    """What Hydra knows of this job: the group choices (loss=..., negatives=...), and for a multirun job the sweep
+    folder's name (its W&B group) and the overrides that name the job. Empty outside a Hydra app."""
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    job = {"choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}}
+    if hc.mode == RunMode.MULTIRUN:
+        job.update(sweep=Path(hc.sweep.dir).name, overrides=hc.job.override_dirname)
+    return job
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -32,9 +46,10 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     if cfg.logger.csv:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
     if cfg.logger.wandb.enabled:
-        wb = cfg.logger.wandb
-        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group, tags=list(wb.tags),
-                                   save_dir=str(run_dir), offline=wb.mode == "offline", name=run_dir.name))
+        wb, sweep = cfg.logger.wandb, hydra_job()
+        loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
+                                   tags=list(wb.tags), save_dir=str(run_dir), offline=wb.mode == "offline",
+                                   name=sweep.get("overrides") or run_dir.name))
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return loggers
@@ -95,7 +110,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     commit = config.git_commit()  # the code as it was when the run started
     info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}
-    hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info}
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info, **hydra_job()}  # choices: W&B columns
     write_json(run_dir / "run_info.json", hparams)
 
     def test_eval(name: str) -> dict:
@@ -120,6 +135,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         logger.log_metrics({f"test/{stage}/{m}": v for stage, s in results.items() for m, v in s.items()},
                            step=trainer.global_step)
         logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":  # end the W&B run: the next job of a sweep process starts its own
+            logger.experiment.finish()
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split, **results,
                                           "steps": trainer.global_step, **commit})
     if results:
