@@ -46,6 +46,9 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "optim.lr", cfg.optim.lr > 0, "must be positive.")
     require(cfg, "optim.warmup_ratio", 0 <= cfg.optim.warmup_ratio < 1, "must lie in [0, 1).")
     require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
+    chunk = cfg.trainer.get("grad_cache_chunk")
+    require(cfg, "trainer.grad_cache_chunk", chunk is None or (isinstance(chunk, int) and chunk >= 1),
+            "must be a positive number of rows (or null for no gradient caching).")
     require(cfg, "trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0,
             "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
     if cfg.negatives.get("file"):

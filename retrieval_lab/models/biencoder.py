@@ -5,6 +5,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from retrieval_lab.models.grad_cache import grad_cached_backward
 from retrieval_lab.retrieval.dense import DenseRetriever
 
 
@@ -18,11 +19,18 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
 
 
 class BiEncoderModule(L.LightningModule):
+    """``grad_cache_chunk`` (an int) trains with gradient caching (:mod:`grad_cache`): embeddings are computed
+    that many rows at a time, so the batch size is not bounded by memory; the optimiser step is then taken here
+    (manual optimisation), with ``gradient_clip_val`` applied by the module instead of the Trainer."""
+
     def __init__(self, encoder, loss, group_size: int = 1, lr: float = 2e-5, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.1):
+                 warmup_ratio: float = 0.1, grad_cache_chunk: int | None = None,
+                 gradient_clip_val: float | None = None):
         super().__init__()
         self.encoder, self.loss = encoder, loss
         self.group_size, self.lr, self.weight_decay, self.warmup_ratio = group_size, lr, weight_decay, warmup_ratio
+        self.grad_cache_chunk, self.gradient_clip_val = grad_cache_chunk, gradient_clip_val
+        self.automatic_optimization = not grad_cache_chunk
         self.save_hyperparameters(ignore=["encoder", "loss", "cross_encoder"])
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,11 +45,33 @@ class BiEncoderModule(L.LightningModule):
         """What validation and the test evaluation retrieve with: a faiss index of this encoder's embeddings."""
         return DenseRetriever(self.encoder, batch_size, index, device, progress)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        q, d = self(batch)
+    # ---- a training step = towers (inputs that carry gradient, and how each is embedded) + a loss on them ----
+    def towers(self, batch: dict) -> list[tuple]:
+        return [(self.encoder.encode_queries, batch["query"]), (self.encoder.encode_docs, batch["docs"])]
+
+    def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        q, d = embeddings
         teacher = {"teacher": batch["teacher"]} if "teacher" in batch else {}
-        loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **teacher)
-        self.log("train/loss", loss, prog_bar=True, batch_size=q.size(0))
+        return self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **teacher)
+
+    def backward_step(self, batch: dict) -> torch.Tensor:
+        """Gradient-cached forward and backward of one batch (parameter gradients accumulate); the loss."""
+        backward = self.manual_backward if self._trainer is not None else torch.Tensor.backward
+        return grad_cached_backward(self.towers(batch), lambda emb: self.loss_from_embeddings(emb, batch),
+                                    self.grad_cache_chunk, backward)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.automatic_optimization:
+            loss = self.loss_from_embeddings([embed(inputs) for embed, inputs in self.towers(batch)], batch)
+        else:
+            optimizer, schedule = self.optimizers(), self.lr_schedulers()
+            loss = self.backward_step(batch)
+            if self.gradient_clip_val:
+                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["qids"]))
         return loss
 
     def configure_optimizers(self):

@@ -112,8 +112,9 @@ class CrossEncoderModule(BiEncoderModule):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.encoder(batch["pairs"]).view(-1, self.group_size)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
-        loss = F.cross_entropy(logits.float(), torch.zeros(logits.size(0), dtype=torch.long, device=logits.device))
-        self.log("train/loss", loss, prog_bar=True, batch_size=logits.size(0))
-        return loss
+    def towers(self, batch: dict) -> list[tuple]:
+        return [(self.encoder, batch["pairs"])]
+
+    def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        logits = embeddings[0].view(-1, self.group_size).float()
+        return F.cross_entropy(logits, torch.zeros(logits.size(0), dtype=torch.long, device=logits.device))

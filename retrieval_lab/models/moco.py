@@ -46,16 +46,21 @@ class MoCoModule(BiEncoderModule):
     def current_queue(self) -> torch.Tensor:
         return self.queue[: int(self.queue_len)]  # slots fill from 0 upwards, so the filled ones come first
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.momentum_update()
-        q = self.encoder.encode_queries(batch["query"])
+    def towers(self, batch: dict) -> list[tuple]:
+        return [(self.encoder.encode_queries, batch["query"])]  # keys come from the key encoder, without gradient
+
+    def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        (q,) = embeddings
         with torch.no_grad():
             self.key_encoder.train(self.encoder.training)
             keys = self.key_encoder.encode_docs(batch["docs"])
-        loss = self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue())
         self._new_keys = keys[:: self.group_size]  # enqueued once the optimiser step is done
-        self.log("train/loss", loss, prog_bar=True, batch_size=q.size(0))
-        self.log("train/queue_len", self.queue_len.float(), batch_size=q.size(0))
+        return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.momentum_update()
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

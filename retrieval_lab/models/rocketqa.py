@@ -36,13 +36,14 @@ class RocketQAModule(BiEncoderModule):
     def pair_tokenizer(self):
         return self.cross_encoder.tokenizer, self.cross_encoder.max_length
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        q, d = self(batch)
-        ranker = self.cross_encoder(batch["pairs"]).view(q.size(0), self.group_size).float()
+    def towers(self, batch: dict) -> list[tuple]:
+        return [*super().towers(batch), (self.cross_encoder, batch["pairs"])]
+
+    def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        q, d, scores = embeddings
+        ranker = scores.view(q.size(0), self.group_size).float()
         retriever_loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), teacher=ranker.detach())
         ranker_loss = F.cross_entropy(ranker, torch.zeros(q.size(0), dtype=torch.long, device=ranker.device))
-        size = q.size(0)
-        self.log_dict({"train/retriever_loss": retriever_loss, "train/ranker_loss": ranker_loss}, batch_size=size)
-        loss = retriever_loss + ranker_loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        return loss
+        self.log_dict({"train/retriever_loss": retriever_loss.detach(), "train/ranker_loss": ranker_loss.detach()},
+                      batch_size=q.size(0))
+        return retriever_loss + ranker_loss

@@ -1,0 +1,110 @@
+"""Gradient caching gives the loss and parameter gradients of the plain step (tiny model, CPU), for the
+bi-encoder, MoCo and the cross-encoder-based modules, and trains through the entry point."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retrieval_lab.data.datamodule import GroupCollator
+from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.losses.listwise_kl import ListwiseKLLoss
+from retrieval_lab.losses.margin_mse import MarginMSELoss
+from retrieval_lab.losses.samtone import SamToNeLoss
+from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.cross_encoder import CrossEncoder
+from retrieval_lab.models.encoder import Encoder
+from retrieval_lab.models.moco import MoCoModule
+from retrieval_lab.models.rocketqa import RocketQAModule
+from test_combinations import FAST, compose_train
+from retrieval_lab.train import train
+
+WORDS = "gene cancer protein virus cell brain heart lung kidney blood bone skin muscle immune liver tumor".split()
+
+
+def make_batch(encoder, group, n=6, pair_tokenizer=None, seed=0, teacher=False):
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: " ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=g).tolist())
+    examples = [{"qid": f"q{i}", "query": pick(3), "doc_ids": [f"d{i}_{j}" for j in range(group)],
+                 "docs": [pick(4 + 3 * j + i % 3) for j in range(group)], "positives": {f"d{i}_0"}} for i in range(n)]
+    for ex in examples if teacher else []:
+        ex["teacher"] = torch.randn(group, generator=g).tolist()
+    return GroupCollator(encoder.tokenizer, 16, 32, pair_tokenizer)(examples)
+
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def plain_and_cached(module, batch, chunk):
+    module.zero_grad(set_to_none=True)
+    loss = module.loss_from_embeddings([embed(inputs) for embed, inputs in module.towers(batch)], batch)
+    loss.backward()
+    plain = grads(module)
+    module.zero_grad(set_to_none=True)
+    module.grad_cache_chunk = chunk
+    cached_loss = module.backward_step(batch)
+    return loss.item(), plain, cached_loss.item(), grads(module)
+
+
+def assert_same(plain_loss, plain, cached_loss, cached):
+    assert cached_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain.keys() == cached.keys() and len(plain) > 10
+    for name in plain:
+        assert torch.allclose(plain[name], cached[name], atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("loss,group,chunk", [(InfoNCELoss(0.05), 1, 2), (InfoNCELoss(0.05, bidirectional=True), 3, 4),
+                                              (SamToNeLoss(0.05, side="both"), 2, 1), (MarginMSELoss(alpha=0.5), 3, 4)])
+def test_biencoder_cached_equals_plain(tiny_model, loss, group, chunk):
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()  # no dropout: exact comparison
+    module = BiEncoderModule(encoder, loss, group_size=group)
+    batch = make_batch(encoder, group, teacher=getattr(loss, "needs_teacher", False))
+    assert_same(*plain_and_cached(module, batch, chunk))
+
+
+def test_dropout_masks_are_replayed(tiny_model):
+    """With dropout on and one chunk, the no-graph pass and the replay must draw the plain step's masks."""
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).train()
+    module = BiEncoderModule(encoder, InfoNCELoss(0.05), group_size=2)
+    batch = make_batch(encoder, 2)
+    torch.manual_seed(1)
+    loss = module.loss_from_embeddings([embed(inputs) for embed, inputs in module.towers(batch)], batch)
+    loss.backward()
+    plain = grads(module)
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    module.grad_cache_chunk = 12  # one chunk per tower (6 queries, 12 documents)
+    cached_loss = module.backward_step(batch)
+    assert_same(loss.item(), plain, cached_loss.item(), grads(module))
+
+
+def test_moco_cached_equals_plain(tiny_model):
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()
+    module = MoCoModule(encoder, InfoNCELoss(0.05), queue_size=8, momentum=0.9)
+    module.enqueue(torch.nn.functional.normalize(torch.randn(5, encoder.dim), dim=-1))
+    assert_same(*plain_and_cached(module, make_batch(encoder, 1), 4))
+
+
+def test_rocketqa_cached_equals_plain(tiny_model):
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()
+    ranker = CrossEncoder(tiny_model, max_length=48).eval()
+    module = RocketQAModule(encoder, ListwiseKLLoss(0.1), ranker, group_size=3)
+    batch = make_batch(encoder, 3, pair_tokenizer=(ranker.tokenizer, 48))
+    assert_same(*plain_and_cached(module, batch, 5))
+
+
+@pytest.mark.parametrize("negatives", ["inbatch", "moco"])
+def test_grad_cache_trains_through_the_entry_point(negatives, tiny_model, beir_folder, tmp_path):
+    overrides = [f"negatives={negatives}", "trainer.grad_cache_chunk=3", "data=beir", f"data.path={beir_folder}",
+                 f"model.name_or_path={tiny_model}", *FAST, "batch_size=8"]
+    if negatives == "inbatch":
+        overrides.remove("negatives.module.queue_size=6")
+    train(compose_train(overrides), tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
+    log = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in log and "lr-AdamW" in log
