@@ -8,6 +8,15 @@ from torch.utils.data import DataLoader
 from retrieval_lab.data.sampling import EpochSampler
 
 
+def false_negative_mask(doc_ids: list[str], positives: list[list[str]], group: int) -> torch.Tensor:
+    """B x B*G, True where column j holds a judged positive of query i other than its own target column i*G."""
+    pos_sets = [set(p) for p in positives]
+    mask = torch.tensor([[d in pos for d in doc_ids] for pos in pos_sets], dtype=torch.bool)
+    rows = torch.arange(len(pos_sets))
+    mask[rows, rows * group] = False
+    return mask
+
+
 class GroupCollator:
     """Tokenise a list of examples into the batch layout of DESIGN.md.
 
@@ -28,9 +37,9 @@ class GroupCollator:
     def __call__(self, examples: list[dict]) -> dict:
         group = len(examples[0]["docs"])
         doc_ids = [d for ex in examples for d in ex["doc_ids"]]
-        mask = torch.tensor([[d in ex["positives"] for d in doc_ids] for ex in examples], dtype=torch.bool)
-        mask[torch.arange(len(examples)), torch.arange(len(examples)) * group] = False
-        batch = {"mask": mask, "qids": [ex["qid"] for ex in examples], "doc_ids": doc_ids}
+        positives = [sorted(ex["positives"]) for ex in examples]
+        batch = {"mask": false_negative_mask(doc_ids, positives, group), "qids": [ex["qid"] for ex in examples],
+                 "doc_ids": doc_ids, "positives": positives}
         if self.tokenizer is not None:
             batch["query"] = self._tokenize([ex["query"] for ex in examples], self.query_max_length)
             batch["docs"] = self._tokenize([t for ex in examples for t in ex["docs"]], self.doc_max_length)

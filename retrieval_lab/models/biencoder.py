@@ -5,6 +5,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from retrieval_lab.data.datamodule import false_negative_mask
 from retrieval_lab.models.grad_cache import grad_cached_backward
 from retrieval_lab.retrieval.dense import DenseRetriever
 
@@ -54,15 +55,42 @@ class BiEncoderModule(L.LightningModule):
         teacher = {"teacher": batch["teacher"]} if "teacher" in batch else {}
         return self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **teacher)
 
+    # under DDP, every process scores against the batch of every process (MoCo's queue already holds every
+    # process's keys; RocketQA and the cross-encoder compare a query with its own group only)
+    gather_negatives = True
+
+    def global_loss(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+        if self._trainer is not None and self.trainer.world_size > 1 and self.gather_negatives:
+            embeddings, batch = self.gather_batch(embeddings, batch)
+        return self.loss_from_embeddings(embeddings, batch)
+
+    def gather_batch(self, embeddings: list[torch.Tensor], batch: dict) -> tuple[list[torch.Tensor], dict]:
+        """Every process's embeddings, concatenated in rank order, with gradients flowing back to their owners,
+        and the mask and teacher scores of the concatenated batch. Each process then takes the same loss as one
+        process would on the whole batch; its gradient reaches each process's own embeddings summed over the
+        world_size copies, and DDP's averaging of parameter gradients divides that back: the gradient equals
+        the single-process one."""
+        import torch.distributed as dist
+
+        gathered = [self.all_gather(e, sync_grads=True).flatten(0, 1) for e in embeddings]
+        meta = [None] * self.trainer.world_size
+        dist.all_gather_object(meta, (batch["qids"], batch["doc_ids"], batch["positives"]))
+        qids, doc_ids, positives = ([x for m in meta for x in m[k]] for k in range(3))
+        out = {**batch, "qids": qids, "doc_ids": doc_ids, "positives": positives,
+               "mask": false_negative_mask(doc_ids, positives, self.group_size).to(gathered[0].device)}
+        if "teacher" in batch:
+            out["teacher"] = self.all_gather(batch["teacher"]).flatten(0, 1)
+        return gathered, out
+
     def backward_step(self, batch: dict) -> torch.Tensor:
         """Gradient-cached forward and backward of one batch (parameter gradients accumulate); the loss."""
         backward = self.manual_backward if self._trainer is not None else torch.Tensor.backward
-        return grad_cached_backward(self.towers(batch), lambda emb: self.loss_from_embeddings(emb, batch),
+        return grad_cached_backward(self.towers(batch), lambda emb: self.global_loss(emb, batch),
                                     self.grad_cache_chunk, backward)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.automatic_optimization:
-            loss = self.loss_from_embeddings([embed(inputs) for embed, inputs in self.towers(batch)], batch)
+            loss = self.global_loss([embed(inputs) for embed, inputs in self.towers(batch)], batch)
         else:
             optimizer, schedule = self.optimizers(), self.lr_schedulers()
             loss = self.backward_step(batch)

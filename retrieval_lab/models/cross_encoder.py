@@ -89,6 +89,7 @@ class CrossEncoderModule(BiEncoderModule):
     Shares the optimiser and schedule of the bi-encoder; ``loss`` is not used (the objective is fixed)."""
 
     uses_towers = False
+    gather_negatives = False
 
     def __init__(self, encoder: CrossEncoder, loss=None, group_size: int = 2, rerank_depth: int = 100, **kwargs):
         if not isinstance(encoder, CrossEncoder):

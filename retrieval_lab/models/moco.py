@@ -19,6 +19,8 @@ from retrieval_lab.models.biencoder import BiEncoderModule
 
 
 class MoCoModule(BiEncoderModule):
+    gather_negatives = False
+
     def __init__(self, encoder, loss, queue_size: int = 65536, momentum: float = 0.999, **kwargs):
         super().__init__(encoder, loss, **kwargs)
         self.momentum = momentum

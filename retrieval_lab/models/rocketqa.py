@@ -22,6 +22,7 @@ from retrieval_lab.models.cross_encoder import CrossEncoder
 
 class RocketQAModule(BiEncoderModule):
     provides_teacher = True  # the teacher scores are the ranker's, computed in each step
+    gather_negatives = False
 
     def __init__(self, encoder, loss, cross_encoder: CrossEncoder, group_size: int = 2, **kwargs):
         if group_size < 2:
