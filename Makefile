@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA_SOURCE ?= $(wildcard ../shared/data/scifact)
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install data demo train evaluate bm25 mine test sweep bench clean
+.PHONY: install data demo train evaluate bm25 mine test sweep report bench clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ test: install
 
 sweep: data         ## a Hydra multirun, e.g. make sweep ARGS="loss.temperature=0.02,0.05 seed=1,2"
 	$(PY) -m retrieval_lab.train -m $(or $(ARGS),experiment=quick_cpu loss.temperature=0.02,0.05,0.1)
+
+report: install     ## one table + plots for a sweep: make report ARGS=multirun/<sweep>
+	$(PY) -m retrieval_lab.report $(ARGS)
 
 bench: data         ## corpus encoding throughput against a plain loop, same run
 	$(PY) experiments/bench_encode.py $(ARGS)

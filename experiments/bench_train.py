@@ -1,0 +1,106 @@
+"""Training throughput and memory: a cropping (Contriever) step of MiniLM with and without gradient caching,
+measured in the same run.
+
+    python experiments/bench_train.py [--sizes 512 2048 8192] [--chunk 256] [--max-length 128] [--steps 3]
+
+For each batch size: query-document pairs per second, model FLOP utilisation (6 x parameters x tokens for a
+plain step, 8 x for a cached one, which runs the forward twice, against --peak-tflops) and peak GPU memory.
+The baseline is the plain (uncached) step at the largest of the sizes that fits in memory; every cached size
+prints its pairs/s ratio against it. On a CPU it runs, but the memory column and MFU mean little.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from retrieval_lab.data.beir import load_corpus
+from retrieval_lab.data.datamodule import GroupCollator
+from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.encoder import Encoder
+
+
+def crop_batch(texts: list[str], size: int, length: int, rng: random.Random) -> list[dict]:
+    examples = []
+    for i in range(size):
+        words = rng.choice(texts).split()
+        a, b = (rng.randrange(max(1, len(words) - length // 2)) for _ in range(2))
+        examples.append({"qid": str(i), "query": " ".join(words[a:a + length // 2]), "doc_ids": [str(i)],
+                         "docs": [" ".join(words[b:b + length // 2])], "positives": {str(i)}})
+    return examples
+
+
+def run(module: BiEncoderModule, batch: dict, optimizer, steps: int, device) -> tuple[float, float]:
+    """Seconds per step and peak memory (GiB) of ``steps`` optimiser steps on the same batch."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if module.grad_cache_chunk:
+                module.backward_step(batch)
+            else:
+                module.loss_from_embeddings([embed(x) for embed, x in module.towers(batch)], batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return (time.perf_counter() - start) / steps, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/scifact")
+    parser.add_argument("--model", default="packaged:minilm")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM dense bf16")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    texts = [d.full_text for d in load_corpus(f"{args.data}/corpus.jsonl").values()]
+    encoder = Encoder(args.model, query_max_length=args.max_length, doc_max_length=args.max_length).to(device)
+    module = BiEncoderModule(encoder, InfoNCELoss(0.05)).to(device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    params = sum(p.numel() for p in encoder.parameters())
+    collate = GroupCollator(encoder.tokenizer, args.max_length, args.max_length)
+    rng = random.Random(0)
+    rows, baseline = [], None
+    for size in sorted(args.sizes):
+        batch = collate(crop_batch(texts, size, args.max_length, rng))
+        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        tokens = int(batch["query"]["attention_mask"].sum() + batch["docs"]["attention_mask"].sum())
+        for chunk in (None, args.chunk):
+            module.grad_cache_chunk = chunk
+            try:
+                run(module, batch, optimizer, 1, device)  # warm-up
+                seconds, peak = run(module, batch, optimizer, args.steps, device)
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                rows.append((size, chunk, None, None, None))
+                continue
+            flops = (8 if chunk else 6) * params * tokens / seconds
+            rows.append((size, chunk, size / seconds, flops / (args.peak_tflops * 1e12), peak))
+            if chunk is None:
+                baseline = (size, size / seconds)
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; MiniLM ({params / 1e6:.1f}M "
+          f"parameters), cropping pairs of up to {args.max_length} tokens")
+    print("| batch | grad cache chunk | pairs/s | MFU | peak GiB | pairs/s vs plain at the largest batch that fits |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size, chunk, rate, mfu, peak in rows:
+        if rate is None:
+            print(f"| {size} | {chunk or 'off'} | out of memory | | | |")
+            continue
+        ratio = f"{rate / baseline[1]:.2f} (plain at {baseline[0]})" if baseline and chunk else ""
+        print(f"| {size} | {chunk or 'off'} | {rate:.1f} | {mfu:.3f} | {peak:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
