@@ -1,11 +1,18 @@
-"""Lightning callbacks: retrieval validation on the dev split during training."""
+"""Lightning callbacks and plugins: retrieval validation on the dev split during training; stopping on a
+non-finite loss or gradient; atomic checkpoint files."""
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from retrieval_lab.data.beir import BeirSplit
+from retrieval_lab.errors import UserError
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 
@@ -34,3 +41,85 @@ class RetrievalValidation(L.Callback):
         run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
         scores = evaluate_run(self.dev.qrels, run, self.metrics)
         pl_module.log_dict({f"val/{name}": value for name, value in scores.items()}, rank_zero_only=True)
+
+
+class NumericFault(UserError):
+    """Training met a non-finite loss or gradient."""
+
+
+class NumericGuard(L.Callback):
+    """Stop at the first non-finite loss or gradient instead of training on NaN, after saving the state the step
+    started from (no update has been applied yet) as ``<checkpoint_dir>/last-good.ckpt``. Under fp16 mixed
+    precision, non-finite gradients are the GradScaler's business (it skips the step and lowers the scale)."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.checkpoint_dir, self.qids = Path(checkpoint_dir), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.qids = list(batch.get("qids", [])) if isinstance(batch, dict) else []
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not torch.isfinite(loss).all():
+            self.fail(trainer, f"the loss is {loss.detach().float().item()}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if str(trainer.precision) == "16-mixed":
+            return
+        for name, param in pl_module.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                self.fail(trainer, f"the gradient of {name} is not finite")
+
+    def fail(self, trainer, what: str) -> None:
+        path = self.checkpoint_dir / "last-good.ckpt"
+        trainer.save_checkpoint(path)
+        ids = ", ".join(self.qids[:8]) + (f" and {len(self.qids) - 8} more" if len(self.qids) > 8 else "")
+        raise NumericFault(f"step {trainer.global_step}: {what} on the batch of queries {ids or '(unknown)'}; "
+                           f"training stopped, and the last good state (before this step) is in {path}.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary name and renamed: a crash while writing leaves the previous one intact."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+class ExactResume(L.Callback):
+    """What a mid-epoch resume needs beyond Lightning's checkpoint (model, optimiser, scheduler, step, MoCo
+    buffers): the Python, NumPy and torch random states, restored just before the first batch after resuming
+    (so dropout draws what the uninterrupted run drew), and the sampler position: the batches of the
+    interrupted epoch that were already trained on are skipped. Assumes one optimiser step per batch."""
+
+    def __init__(self):
+        self._pending = None
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types: checkpoints load weights_only
+        state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        done = trainer.global_step - trainer.current_epoch * trainer.num_training_batches
+        if self._pending is not None and 0 < done < trainer.num_training_batches:
+            trainer.datamodule.skip_batches(done)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

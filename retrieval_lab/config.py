@@ -46,6 +46,8 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "optim.lr", cfg.optim.lr > 0, "must be positive.")
     require(cfg, "optim.warmup_ratio", 0 <= cfg.optim.warmup_ratio < 1, "must lie in [0, 1).")
     require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
+    require(cfg, "checkpoint.keep", cfg.checkpoint.keep >= 0, "must be 0 or more.")
+    require(cfg, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 0, "must be 0 (epoch ends only) or more.")
     chunk = cfg.trainer.get("grad_cache_chunk")
     require(cfg, "trainer.grad_cache_chunk", chunk is None or (isinstance(chunk, int) and chunk >= 1),
             "must be a positive number of rows (or null for no gradient caching).")

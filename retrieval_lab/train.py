@@ -14,12 +14,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config
-from retrieval_lab.callbacks import RetrievalValidation
+from retrieval_lab.callbacks import AtomicCheckpointIO, ExactResume, NumericGuard, RetrievalValidation
 from retrieval_lab.data.beir import BeirDataset, Qrels, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
-from retrieval_lab.errors import exit_on_user_error
+from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
@@ -87,14 +87,32 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels) -> list:
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0),
-                 L.pytorch.callbacks.LearningRateMonitor()]
+    every = cfg.checkpoint.every_n_steps
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(  # the newest `keep` step checkpoints, plus last.ckpt
+                     dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+                     monitor="step", mode="max", save_top_k=cfg.checkpoint.keep, save_last=True,
+                     every_n_train_steps=every or None),
+                 L.pytorch.callbacks.LearningRateMonitor(),
+                 NumericGuard(run_dir / "checkpoints"), ExactResume()]
     if cfg.negatives.get("refresh"):
         callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))
     return callbacks
+
+
+def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=last``: the run directory's last.ckpt (if training got that far; else a fresh start); a path: it."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        print(f"resuming from {last}" if last.is_file() else f"resume=last: no {last} yet, starting afresh")
+        return str(last) if last.is_file() else None
+    if not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file.")
+    return str(cfg.resume)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -125,9 +143,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.eval.before:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
-    trainer = instantiate(trainer_cfg, logger=build_loggers(cfg, run_dir, hparams), default_root_dir=str(run_dir),
+    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams), default_root_dir=str(run_dir),
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
     if cfg.save_model:
         encoder.save(run_dir / "model")
         if getattr(module, "cross_encoder", None) is not None:  # RocketQA-v2 trains a ranker too

@@ -70,9 +70,10 @@ def beir_folder(tmp_path_factory) -> Path:
     return make_beir(tmp_path_factory.mktemp("beir") / "toy")
 
 
-def run_module(module: str, *args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python -m module args`` offline, as a user would."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+def run_module(module: str, *args: str, cwd: Path = ROOT, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` offline, as a user would (``env``: extra environment variables)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -63,6 +63,13 @@ class RetrievalDataModule(L.LightningDataModule):
         self.sampler = EpochSampler(train_set, seed)
         self.batch_sampler = batch_sampler
 
+    def skip_batches(self, count: int) -> None:
+        """Leave out the first ``count`` batches of the next epoch (they were trained on before a resume)."""
+        if self.batch_sampler is not None:
+            self.batch_sampler.skip = count
+        else:
+            self.sampler.skip = count * self.batch_size
+
     def train_dataloader(self) -> DataLoader:
         if self.batch_sampler is not None:
             return DataLoader(self.train_set, batch_sampler=self.batch_sampler, collate_fn=self.collator,

@@ -53,6 +53,7 @@ class EpochSampler(Sampler[int]):
 
     def __init__(self, dataset, seed: int = 0):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.skip = 0  # examples of the next epoch's order to leave out once (resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -64,7 +65,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+        order, self.skip = torch.randperm(len(self.dataset), generator=generator).tolist()[self.skip:], 0
+        return iter(order)
 
 
 def share_of(batch_size: int, clusters_per_batch: int) -> int:
@@ -83,6 +85,7 @@ class ClusterBatchSampler(Sampler[list[int]]):
 
     def __init__(self, dataset, clusters: Sequence[int], batch_size: int, clusters_per_batch: int = 1, seed: int = 0):
         self.sampler = EpochSampler(dataset, seed)  # what Lightning calls set_epoch on
+        self.skip = 0  # batches of the next epoch to leave out once (resuming mid-epoch)
         self.clusters = np.asarray(clusters)
         self.batch_size, self.per_batch, self.seed = batch_size, clusters_per_batch, seed
         members: dict[int, list[int]] = {}
@@ -104,7 +107,8 @@ class ClusterBatchSampler(Sampler[list[int]]):
         streams = {c: [] for c in self.members}
         ids = sorted(self.members)
         weights = [len(self.members[c]) for c in ids]
-        for _ in range(len(self)):
+        skip, self.skip = self.skip, 0
+        for number in range(len(self)):
             chosen: list[int] = []
             while len(chosen) < self.per_batch:  # distinct clusters, size-weighted
                 c = rng.choices(ids, weights)[0]
@@ -119,7 +123,8 @@ class ClusterBatchSampler(Sampler[list[int]]):
                     streams[c] = [i for i in streams[c]] + [i for i in fresh if i not in streams[c]]
                 batch.extend(streams[c][:share])
                 streams[c] = streams[c][share:]
-            yield batch
+            if number >= skip:  # skipped batches are still drawn, so the ones after them do not change
+                yield batch
 
 
 def balanced_pair(pairs: list[tuple[str, str, float]], bins: int, rng: random.Random) -> tuple[str, str]:

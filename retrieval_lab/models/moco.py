@@ -46,7 +46,8 @@ class MoCoModule(BiEncoderModule):
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.size(0), max=size))
 
     def current_queue(self) -> torch.Tensor:
-        return self.queue[: int(self.queue_len)]  # slots fill from 0 upwards, so the filled ones come first
+        # slots fill from 0 upwards, so the filled ones come first; a copy, as the step enqueues before backward
+        return self.queue[: int(self.queue_len)].clone()
 
     def towers(self, batch: dict) -> list[tuple]:
         return [(self.encoder.encode_queries, batch["query"])]  # keys come from the key encoder, without gradient
@@ -56,16 +57,15 @@ class MoCoModule(BiEncoderModule):
         with torch.no_grad():
             self.key_encoder.train(self.encoder.training)
             keys = self.key_encoder.encode_docs(batch["docs"])
-        self._new_keys = keys[:: self.group_size]  # enqueued once the optimiser step is done
+        self._new_keys = keys[:: self.group_size]  # the positives' keys, enqueued at the end of the step
         return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.momentum_update()
         loss = super().training_step(batch, batch_idx)
+        # enqueue inside the step, so a checkpoint written at the end of it holds the updated queue
+        keys = self._new_keys
+        gathered = self.all_gather(keys) if self._trainer is not None and self.trainer.world_size > 1 else keys
+        self.enqueue(gathered.reshape(-1, keys.size(-1)))
         self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        keys = self._new_keys
-        gathered = self.all_gather(keys) if self.trainer.world_size > 1 else keys
-        self.enqueue(gathered.reshape(-1, keys.size(-1)))

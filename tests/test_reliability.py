@@ -1,0 +1,113 @@
+"""A non-finite loss stops the run with the promised message and a usable last-good checkpoint; resuming a
+run directory continues from its last checkpoint; checkpoints are written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from retrieval_lab.callbacks import AtomicCheckpointIO, NumericFault
+from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.train import train
+from conftest import run_module
+from test_combinations import FAST, compose_train
+
+
+class NaNOnThirdCall(InfoNCELoss):
+    """InfoNCE whose third call (the third training step) returns NaN."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        type(self).calls += 1
+        loss = super().forward(*args, **kwargs)
+        return loss * float("nan") if type(self).calls == 3 else loss
+
+
+def weights(path):
+    state = torch.load(path, weights_only=False)
+    return state["global_step"], {k: v for k, v in state["state_dict"].items() if v.is_floating_point()}
+
+
+def overrides(tiny_model, beir_folder, steps):
+    out = ["data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", *FAST,
+           "checkpoint.every_n_steps=1"]
+    out[out.index("trainer.max_steps=2")] = f"trainer.max_steps={steps}"
+    out.remove("negatives.module.queue_size=6")  # in-batch negatives here
+    return out
+
+
+def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(tiny_model, beir_folder, tmp_path):
+    cfg = compose_train(overrides(tiny_model, beir_folder, 5) + [f"loss._target_={__name__}.NaNOnThirdCall"])
+    NaNOnThirdCall.calls = 0
+    with pytest.raises(NumericFault) as err:
+        train(cfg, tmp_path / "nan")
+    message = str(err.value)
+    assert message.startswith("step 2: the loss is nan on the batch of queries q")
+    assert "last-good.ckpt" in message and not (tmp_path / "nan" / "metrics.json").exists()
+    # the saved state is the one a clean run of the same command has after two steps
+    train(compose_train(overrides(tiny_model, beir_folder, 5) + ["checkpoint.keep=10"]), tmp_path / "clean")
+    step, bad_run = weights(tmp_path / "nan" / "checkpoints" / "last-good.ckpt")
+    clean_step, clean = weights(tmp_path / "clean" / "checkpoints" / "step2.ckpt")
+    assert step == clean_step == 2
+    for name, value in clean.items():
+        assert torch.isfinite(bad_run[name]).all() and torch.allclose(bad_run[name], value, atol=1e-6), name
+
+
+class CrashOnThirdCall(InfoNCELoss):
+    """InfoNCE that kills its process (SIGKILL: no clean-up at all) at its third call, i.e. during step 3, after
+    step 2's checkpoint was written."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(*args, **kwargs)
+
+
+@pytest.mark.parametrize("negatives", ["inbatch", "moco"])
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives, tiny_model, beir_folder, tmp_path):
+    """Kill a training process during step 3 of an epoch of 9 batches, rerun the command with resume=last: the
+    weights after step 4 (MoCo: queue and key encoder included, they are in the state dict) and the metrics equal
+    those of a run that was never interrupted."""
+    args = [a for a in overrides(tiny_model, beir_folder, 4) if not a.startswith("eval.after")]
+    args += [f"negatives={negatives}", "eval.batch_size=16"] + (["negatives.module.queue_size=6"] * (negatives == "moco"))
+    env = {"PYTHONPATH": str(Path(__file__).parent)}
+
+    def run(folder, *extra):
+        return run_module("retrieval_lab.train", *args, *extra, f"hydra.run.dir={tmp_path / folder}", env=env)
+
+    assert run("straight").returncode == 0
+    killed = run("resumed", f"loss._target_={__name__}.CrashOnThirdCall")
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed_run = run("resumed", "resume=last")
+    assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
+    step, resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    _, straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    assert step == 4 and ("queue" in straight) == (negatives == "moco")
+    for name, value in straight.items():
+        assert torch.allclose(resumed[name], value, atol=1e-6), name
+    metrics = [json.loads((tmp_path / f / "metrics.json").read_text()) for f in ("straight", "resumed")]
+    assert metrics[0]["after"]["ndcg@10"] == pytest.approx(metrics[1]["after"]["ndcg@10"], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("step*.ckpt")) == ["step3.ckpt",
+                                                                                                  "step4.ckpt"]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"a": torch.ones(2)}, path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous checkpoint is intact
