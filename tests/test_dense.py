@@ -44,3 +44,22 @@ def test_flat_search_equals_brute_force_and_hnsw_agrees(encoder, beir_folder):
 def test_unknown_index_is_refused():
     with pytest.raises(ConfigError, match="retriever.index"):
         build_index(np.zeros((2, 4), dtype=np.float32), "ivf-magic")
+
+
+def test_token_cache_and_token_budget_batches(tiny_model):
+    """Texts are tokenised once and reused; token-budget batches give the embeddings of one-by-one encoding."""
+    from retrieval_lab.retrieval.dense import TokenCache, token_batches
+
+    encoder = Encoder(tiny_model, doc_max_length=32)
+    texts = ["a protein study of cancer cells in the liver"] * 3 + ["gene", "virus and vaccine", "x " * 40]
+    cache = TokenCache()
+    cached = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, token_budget=40, cache=cache)
+    again = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, cache=cache)
+    assert cache.misses == 1
+    one_by_one = np.stack([encode_texts(encoder, [t], "doc", progress=False, cache=None)[0] for t in texts])
+    assert (np.sum(cached * one_by_one, axis=1) > 0.9999).all() and np.allclose(cached, again, atol=1e-5)
+    lengths = [30, 2, 12, 7, 30, 1]
+    batches = token_batches(lengths, batch_size=8, token_budget=40)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in batches if len(b) > 1)
+    assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
