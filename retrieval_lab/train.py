@@ -5,6 +5,8 @@ Evaluates on the test split before and after training (by default), saves the mo
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import hydra
@@ -102,6 +104,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
     return callbacks
 
 
+def save_atomically(model, folder: Path) -> None:
+    """Write the model to ``<folder>.partial`` and rename it: a crash while saving never leaves a complete-looking
+    model folder."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+
+
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
     """``resume=last``: the run directory's last.ckpt (if training got that far; else a fresh start); a path: it."""
     if not cfg.resume:
@@ -147,9 +159,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
     if cfg.save_model:
-        encoder.save(run_dir / "model")
+        save_atomically(encoder, run_dir / "model")
         if getattr(module, "cross_encoder", None) is not None:  # RocketQA-v2 trains a ranker too
-            module.cross_encoder.save(run_dir / "cross_encoder")
+            save_atomically(module.cross_encoder, run_dir / "cross_encoder")
     if cfg.eval.after:
         results["after"] = test_eval("after")
     for logger in trainer.loggers:

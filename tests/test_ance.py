@@ -5,6 +5,7 @@ import threading
 import time
 
 import lightning as L
+import torch
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
@@ -70,3 +71,24 @@ def test_training_never_sees_a_half_built_table(tiny_model, beir_folder):
     legal = {frozenset({"d58", "d59"})} | {frozenset({f"d{40 + 2 * k}", f"d{41 + 2 * k}"}) for k in range(10)}
     assert set(seen_versions) <= legal  # every example drew from exactly one complete table
     assert len(set(seen_versions)) >= 3
+
+
+def test_the_table_in_use_travels_with_the_checkpoint(beir_folder, bm25_negatives, tmp_path):
+    """AnceRefresh's state (saved in every Lightning checkpoint) holds the current negatives; loading it (with
+    torch.load's weights_only, as Lightning does) puts that table back into a fresh training set."""
+    from retrieval_lab.data.negatives import read_negatives
+
+    dataset = BeirDataset(beir_folder)
+    qrels = dataset.qrels("train")
+
+    def fresh():
+        return SupervisedPairs(dataset, qrels, group_size=2, negatives=read_negatives(bm25_negatives, dataset, qrels))
+
+    trained = fresh()
+    refreshed = {q: sorted(trained.negatives[q])[::-1][:3] for q in trained.qids}  # a table unlike the file's
+    trained.negatives = refreshed
+    torch.save(AnceRefresh(trained).state_dict(), tmp_path / "state.pt")
+    resumed = fresh()
+    assert resumed.negatives != refreshed
+    AnceRefresh(resumed).load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.negatives == refreshed

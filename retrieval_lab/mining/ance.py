@@ -68,6 +68,14 @@ class AnceRefresh(L.Callback):
         if self._thread is not None:
             self._thread.join()
 
+    # -- checkpoints: a resumed run trains on the table that was in use (a refresh still running is redone) --
+    def state_dict(self) -> dict:
+        return {"negatives": self.train_set.negatives, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_set.negatives = dict(state_dict["negatives"])
+        self.history = list(state_dict["history"])
+
     def swap_if_ready(self, pl_module) -> None:
         with self._lock:
             ready, self._ready = self._ready, None
