@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -18,6 +17,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.negatives import denoise, mine_negatives
+from retrieval_lab.retrieval.dense import pick_device
 
 
 def mine(cfg: DictConfig) -> Path:
@@ -32,7 +32,7 @@ def mine(cfg: DictConfig) -> Path:
 
         teacher = CrossEncoder(cfg.denoise.cross_encoder, cfg.denoise.max_length)
         mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin, cfg.denoise.batch_size,
-                                 "cuda" if torch.cuda.is_available() else "cpu")
+                                 pick_device("auto"))
         print(f"denoising with {cfg.denoise.cross_encoder} dropped {dropped} candidates as likely positives")
     write_negatives(cfg.output, mined)
     counts = [len(r.neg) for r in mined.values()]

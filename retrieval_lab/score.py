@@ -14,18 +14,10 @@ from omegaconf import DictConfig
 
 from retrieval_lab import config  # noqa: F401  (registers resolvers)
 from retrieval_lab.data.beir import BeirDataset
-from retrieval_lab.data.negatives import QueryNegatives, read_negatives, write_negatives
+from retrieval_lab.data.negatives import read_negatives, write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
-
-
-def score_negatives(records: dict[str, QueryNegatives], queries: dict[str, str], corpus: dict, teacher,
-                    batch_size: int = 64, device: str | None = None) -> dict[str, QueryNegatives]:
-    pairs = [(qid, doc_id) for qid, r in records.items() for doc_id in dict.fromkeys(r.pos + r.neg)]
-    scores = teacher.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs], batch_size, device)
-    out = {qid: QueryNegatives(r.pos, r.neg, {}) for qid, r in records.items()}
-    for (qid, doc_id), score in zip(pairs, scores):
-        out[qid].scores[doc_id] = score
-    return out
+from retrieval_lab.mining.negatives import score_negatives
+from retrieval_lab.retrieval.dense import pick_device
 
 
 def score(cfg: DictConfig) -> Path:
@@ -35,11 +27,7 @@ def score(cfg: DictConfig) -> Path:
     split = cfg.get("split")
     records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
     teacher = instantiate(cfg.model)
-    device = cfg.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(cfg.device)
     teacher.to(device)
     scored = score_negatives(records, dataset.queries, dataset.corpus, teacher, cfg.batch_size, device)
     write_negatives(cfg.output, scored)

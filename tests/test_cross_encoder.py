@@ -16,12 +16,11 @@ from retrieval_lab.data.negatives import QueryNegatives, read_negatives
 from retrieval_lab.data.pairs import SupervisedPairs
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.listwise_kl import ListwiseKLLoss
-from retrieval_lab.mining.negatives import denoise
+from retrieval_lab.mining.negatives import denoise, score_negatives
 from retrieval_lab.models.cross_encoder import CrossEncoder
 from retrieval_lab.models.encoder import Encoder
 from retrieval_lab.models.rocketqa import RocketQAModule
 from retrieval_lab.retrieval.rerank import Reranker
-from retrieval_lab.score import score_negatives
 from retrieval_lab.train import train
 
 FAST = ["eval.before=false", "eval.after=false", "validation.enabled=false", "logger=csv", "save_model=false",

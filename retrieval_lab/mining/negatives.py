@@ -30,20 +30,26 @@ def mine_negatives(run: dict[str, dict[str, float]], qrels: Qrels, n_neg: int = 
     return mined
 
 
+def score_negatives(records: dict[str, QueryNegatives], queries: dict[str, str], corpus: dict, teacher,
+                    batch_size: int = 64, device=None) -> dict[str, QueryNegatives]:
+    """The same records with ``scores`` replaced by the teacher's (a cross-encoder) for every listed document."""
+    pairs = [(qid, doc_id) for qid, r in records.items() for doc_id in dict.fromkeys(r.pos + r.neg)]
+    scores = teacher.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs], batch_size, device)
+    out = {qid: QueryNegatives(r.pos, r.neg, {}) for qid, r in records.items()}
+    for (qid, doc_id), score in zip(pairs, scores):
+        out[qid].scores[doc_id] = score
+    return out
+
+
 def denoise(mined: dict[str, QueryNegatives], queries: dict[str, str], corpus: dict, cross_encoder,
             margin: float = 0.0, batch_size: int = 64, device=None) -> tuple[dict[str, QueryNegatives], int]:
     """RocketQA's denoised hard negatives (Qu et al., 2021): a cross-encoder scores each query's positives and
     candidates, and a candidate scoring at least (best positive's score - ``margin``) is taken for an unjudged
     positive and dropped. Returns the filtered negatives and how many were dropped."""
-    pairs = [(qid, d) for qid, r in mined.items() for d in dict.fromkeys(r.pos + r.neg)]
-    scores = cross_encoder.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs],
-                                 batch_size, device)
-    by_query: dict[str, dict[str, float]] = {}
-    for (qid, doc_id), score in zip(pairs, scores):
-        by_query.setdefault(qid, {})[doc_id] = score
+    scored = score_negatives(mined, queries, corpus, cross_encoder, batch_size, device)
     out, dropped = {}, 0
     for qid, r in mined.items():
-        ce = by_query.get(qid, {})
+        ce = scored[qid].scores
         bar = max(ce[p] for p in r.pos) - margin if r.pos else float("inf")
         keep = [d for d in r.neg if ce[d] < bar]
         dropped += len(r.neg) - len(keep)

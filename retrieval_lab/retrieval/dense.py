@@ -12,6 +12,13 @@ from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
 
 
+def pick_device(device: str | None) -> str | None:
+    """``auto``: the GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 class TokenCache:
     """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
     once, in one batched call of the fast tokenizer (which uses every core), and every later encoding of the
@@ -97,8 +104,7 @@ class DenseRetriever:
                  progress: bool = True, token_budget: int | None = None):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
         self.token_budget = token_budget
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(device)
         if device is not None:
             self.encoder.to(device)
         self.device = device

@@ -2,10 +2,9 @@
 them, and the ranking follows the cross-encoder's scores."""
 from __future__ import annotations
 
-import torch
-
 from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.retrieval.dense import pick_device
 
 
 class Reranker:
@@ -15,8 +14,7 @@ class Reranker:
             raise ConfigError(f"reranker.depth must be at least 1, got {depth}.")
         self.first_stage, self.cross_encoder, self.depth = first_stage, cross_encoder, depth
         self.batch_size, self.progress = batch_size, progress
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = pick_device(device)
         if device is not None:
             self.cross_encoder.to(device)
         self.device = device
