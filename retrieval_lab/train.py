@@ -115,13 +115,16 @@ def save_atomically(model, folder: Path) -> None:
 
 
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=last``: the run directory's last.ckpt (if training got that far; else a fresh start); a path: it."""
+    """``resume=auto`` (or ``last``): the run directory's last.ckpt when there is one, so rerunning a command with
+    the same ``hydra.run.dir`` continues it; ``null``: always start afresh; a path: that checkpoint."""
     if not cfg.resume:
         return None
-    if cfg.resume == "last":
+    if cfg.resume in ("auto", "last"):
         last = run_dir / "checkpoints" / "last.ckpt"
-        print(f"resuming from {last}" if last.is_file() else f"resume=last: no {last} yet, starting afresh")
-        return str(last) if last.is_file() else None
+        if last.is_file():
+            print(f"resuming from {last}")
+            return str(last)
+        return None
     if not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file.")
     return str(cfg.resume)

@@ -73,7 +73,7 @@ class CrashOnThirdCall(InfoNCELoss):
 
 @pytest.mark.parametrize("negatives", ["inbatch", "moco"])
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives, tiny_model, beir_folder, tmp_path):
-    """Kill a training process during step 3 of an epoch of 9 batches, rerun the command with resume=last: the
+    """Kill a training process during step 3 of an epoch of 9 batches, rerun the command in the same run folder: the
     weights after step 4 (MoCo: queue and key encoder included, they are in the state dict) and the metrics equal
     those of a run that was never interrupted."""
     args = [a for a in overrides(tiny_model, beir_folder, 4) if not a.startswith("eval.after")]
@@ -86,7 +86,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives
     assert run("straight").returncode == 0
     killed = run("resumed", f"loss._target_={__name__}.CrashOnThirdCall")
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "resumed" / "metrics.json").exists()
-    resumed_run = run("resumed", "resume=last")
+    resumed_run = run("resumed")  # the same command in the same run directory
     assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
     step, resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     _, straight = weights(tmp_path / "straight" / "checkpoints" / "last.ckpt")
