@@ -75,7 +75,8 @@ def check_train_config(cfg: DictConfig) -> None:
         raise ConfigError("module=cross_encoder trains on fixed negatives files (negatives=bm25): ANCE re-mining and "
                           "TAS clustering need a bi-encoder's embeddings.")
     if module in ("CrossEncoderModule", "RocketQAModule") or needs_teacher:
-        why = {"CrossEncoderModule": "module=cross_encoder", "RocketQAModule": "module=rocketqa"}.get(module, f"loss={loss}")
+        names = {"CrossEncoderModule": "module=cross_encoder", "RocketQAModule": "module=rocketqa"}
+        why = names.get(module, f"loss={loss}")
         if not cfg.negatives.get("file") or group < 2:
             raise ConfigError(f"{why} needs groups of hard negatives: a negatives file and negatives.group_size >= 2 "
                               "(e.g. negatives=bm25).")

@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict:
         extra = {"alpha": retriever.alpha, "dev_" + retriever.tune_metric: retriever.tuning or None}
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
                                           "model": cfg.model.name_or_path if "encoder" in cfg.retriever else None,
-                                          "reranker": cfg.reranker.cross_encoder.name_or_path if cfg.get("reranker") else None,
+                                          "reranker": OmegaConf.select(cfg, "reranker.cross_encoder.name_or_path"),
                                           "metrics": scores, **extra, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
     print(f"run file and metrics.json in {run_dir}")

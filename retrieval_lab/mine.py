@@ -31,8 +31,8 @@ def mine(cfg: DictConfig) -> Path:
         from retrieval_lab.models.cross_encoder import CrossEncoder
 
         teacher = CrossEncoder(cfg.denoise.cross_encoder, cfg.denoise.max_length)
-        mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin, cfg.denoise.batch_size,
-                                 pick_device("auto"))
+        mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin,
+                                 cfg.denoise.batch_size, pick_device("auto"))
         print(f"denoising with {cfg.denoise.cross_encoder} dropped {dropped} candidates as likely positives")
     write_negatives(cfg.output, mined)
     counts = [len(r.neg) for r in mined.values()]

@@ -1,4 +1,5 @@
-"""Score a negatives file with a teacher: `python -m retrieval_lab.score model.name_or_path=<cross-encoder> [input=...]`.
+"""Score a negatives file with a teacher:
+`python -m retrieval_lab.score model.name_or_path=<cross-encoder> [input=...] [output=...]`.
 
 Every (query, listed document) pair of the input file, positives and negatives, is scored by the cross-encoder;
 the output is the same JSONL with ``scores`` replaced by the teacher's (DESIGN.md format), ready for

@@ -139,9 +139,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     module_cfg = cfg.module if cfg.get("module") else cfg.negatives.module  # conf/module/* replaces the default
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     chunk = trainer_cfg.pop("grad_cache_chunk", None)
-    clip = {"grad_cache_chunk": chunk, "gradient_clip_val": trainer_cfg.pop("gradient_clip_val", None)} if chunk else {}
+    # gradient caching steps the optimiser in the module, which then also clips (the Trainer may not)
+    grad_cache = {"grad_cache_chunk": chunk,
+                  "gradient_clip_val": trainer_cfg.pop("gradient_clip_val", None)} if chunk else {}
     module = instantiate(module_cfg)(encoder=encoder, loss=instantiate(cfg.loss),
-                                     group_size=cfg.negatives.group_size, **cfg.optim, **clip)
+                                     group_size=cfg.negatives.group_size, **cfg.optim, **grad_cache)
     datamodule, dev_qrels = build_data(cfg, dataset, module)
 
     commit = config.git_commit()  # the code as it was when the run started
@@ -158,7 +160,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.eval.before:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
-    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams), default_root_dir=str(run_dir),
+    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams),
+                          default_root_dir=str(run_dir),
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
     if cfg.save_model:
