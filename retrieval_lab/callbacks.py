@@ -16,8 +16,9 @@ from retrieval_lab.errors import UserError
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 
-def dev_corpus(split: BeirSplit, sample: int | None, seed: int) -> dict:
-    """The dev corpus: everything, or ``sample`` random documents plus every judged document of the dev queries."""
+def sample_corpus(split: BeirSplit, sample: int | None, seed: int) -> dict:
+    """The corpus to search: everything, or ``sample`` random documents plus every judged document of the split's
+    queries (a cheaper, easier stand-in for the full corpus, for validation and for reduced CPU sweeps)."""
     if not sample or sample >= len(split.corpus):
         return split.corpus
     judged = {d for docs in split.qrels.values() for d in docs}
@@ -31,7 +32,7 @@ class RetrievalValidation(L.Callback):
 
     def __init__(self, dev: BeirSplit, corpus_sample: int | None = None, every_n_epochs: int = 1,
                  batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0):
-        self.dev = BeirSplit(dev_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
+        self.dev = BeirSplit(sample_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
         self.every_n_epochs, self.batch_size, self.k, self.metrics = every_n_epochs, batch_size, k, tuple(metrics)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -16,8 +16,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config
-from retrieval_lab.callbacks import AtomicCheckpointIO, ExactResume, NumericGuard, RetrievalValidation
-from retrieval_lab.data.beir import BeirDataset, Qrels, carve_dev
+from retrieval_lab.callbacks import AtomicCheckpointIO, ExactResume, NumericGuard, RetrievalValidation, sample_corpus
+from retrieval_lab.data.beir import BeirDataset, BeirSplit, Qrels, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
@@ -47,7 +47,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     loggers = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
-    if cfg.logger.wandb.enabled:
+    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode} is not offline, online or disabled.")
+    if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         wb, sweep = cfg.logger.wandb, hydra_job()
         loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
                                    tags=list(wb.tags), save_dir=str(run_dir), offline=wb.mode == "offline",
@@ -135,6 +137,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True)
     dataset = BeirDataset(cfg.data.path)
     test = dataset.split(cfg.eval.split)
+    if cfg.eval.get("corpus_sample"):  # one fixed sample (seed 0) for every run, so runs stay comparable
+        test = BeirSplit(sample_corpus(test, cfg.eval.corpus_sample, seed=0), test.queries, test.qrels)
     encoder = instantiate(cfg.model)
     module_cfg = cfg.module if cfg.get("module") else cfg.negatives.module  # conf/module/* replaces the default
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
