@@ -78,3 +78,35 @@ def test_evaluate_dense_and_bm25(tiny_model, beir_folder, tmp_path):
         assert len({line.split()[0] for line in lines}) == 12  # every test query has a ranking
     # BM25 on this toy data finds the right topic words: near-perfect
     assert json.loads((tmp_path / "bm25" / "metrics.json").read_text())["metrics"]["recall@100"] == 1.0
+
+
+def test_sample_corpus_keeps_judged_documents_and_a_fixed_random_rest():
+    from retrieval_lab.callbacks import sample_corpus
+    from retrieval_lab.data.beir import BeirSplit
+
+    corpus = {f"d{i}": f"text {i}" for i in range(50)}
+    split = BeirSplit(corpus, {"q1": "a", "q2": "b"}, {"q1": {"d3": 1}, "q2": {"d40": 1, "d7": 2}})
+    sample = sample_corpus(split, 10, seed=0)
+    assert len(sample) == 10 and {"d3", "d7", "d40"} <= set(sample)
+    assert all(sample[d] == corpus[d] for d in sample)
+    assert sample == sample_corpus(split, 10, seed=0)
+    assert set(sample) != set(sample_corpus(split, 10, seed=1))
+    assert sample_corpus(split, None, seed=0) is corpus and sample_corpus(split, 60, seed=0) is corpus
+
+
+def test_train_with_a_sampled_test_corpus_and_bad_wandb_mode(tiny_model, beir_folder, tmp_path):
+    from retrieval_lab.callbacks import sample_corpus
+    from retrieval_lab.data.beir import BeirDataset
+
+    common = ["data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", "batch_size=8",
+              "trainer.max_steps=1", "eval.before=false", "validation.enabled=false", "save_model=false"]
+    bad = run_module("retrieval_lab.train", *common, "logger.wandb.mode=offlin", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode != 0
+    assert "logger.wandb.mode=offlin is not offline, online or disabled." in bad.stderr
+    result = run_module("retrieval_lab.train", *common, "eval.corpus_sample=30", "logger.wandb.mode=disabled",
+                        f"hydra.run.dir={tmp_path / 'ok'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "ok" / "wandb").exists()
+    kept = set(sample_corpus(BeirDataset(beir_folder).split("test"), 30, seed=0))
+    ranked = {line.split()[2] for line in (tmp_path / "ok" / "after" / "run.trec").read_text().splitlines()}
+    assert ranked <= kept and len(ranked) > 12
