@@ -28,20 +28,31 @@ def sample_corpus(split: BeirSplit, sample: int | None, seed: int) -> dict:
 
 
 class RetrievalValidation(L.Callback):
-    """Every ``every_n_epochs`` epochs, retrieve for the dev queries and log ``val/<metric>``."""
+    """Every ``every_n_epochs`` epochs (and, with ``every_n_steps``, also every that many optimiser steps), retrieve
+    for the dev queries and log ``val/<metric>``."""
 
     def __init__(self, dev: BeirSplit, corpus_sample: int | None = None, every_n_epochs: int = 1,
-                 batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0):
+                 batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0,
+                 every_n_steps: int | None = None):
         self.dev = BeirSplit(sample_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
         self.every_n_epochs, self.batch_size, self.k, self.metrics = every_n_epochs, batch_size, k, tuple(metrics)
+        self.every_n_steps = every_n_steps
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
+    def validate(self, pl_module: L.LightningModule) -> dict:
         retriever = pl_module.retriever(self.batch_size, progress=False)
         run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
-        scores = evaluate_run(self.dev.qrels, run, self.metrics)
-        pl_module.log_dict({f"val/{name}": value for name, value in scores.items()}, rank_zero_only=True)
+        return {f"val/{name}": value for name, value in evaluate_run(self.dev.qrels, run, self.metrics).items()}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            scores = self.validate(pl_module)
+            if trainer.is_global_zero:  # straight to the loggers: self.log would repeat the value at later steps
+                for logger in trainer.loggers:  # step index of the batch just done, as Lightning's own rows
+                    logger.log_metrics(scores, step=trainer.global_step - 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            pl_module.log_dict(self.validate(pl_module), rank_zero_only=True)
 
 
 class NumericFault(UserError):

@@ -102,7 +102,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
         callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
-                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed))
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed,
+                                             every_n_steps=cfg.validation.get("every_n_steps")))
     return callbacks
 
 

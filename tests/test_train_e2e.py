@@ -1,6 +1,7 @@
 """End to end: the train and evaluate entry points on a toy BEIR folder with a tiny model."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -14,7 +15,8 @@ def train_run(tiny_model, beir_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train_run")
     result = run_module("retrieval_lab.train", f"data=beir", f"data.path={beir_folder}",
                         f"model.name_or_path={tiny_model}", "batch_size=8", "trainer.max_epochs=2",
-                        "optim.lr=1e-3", "eval.batch_size=16", "validation.corpus_sample=30", "trainer.log_every_n_steps=1",
+                        "optim.lr=1e-3", "eval.batch_size=16", "validation.corpus_sample=30", "validation.every_n_steps=3",
+                        "trainer.log_every_n_steps=1",
                         f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
@@ -31,6 +33,9 @@ def test_train_writes_metrics_runs_and_logs(train_run):
     assert "before" in result.stdout and "after" in result.stdout and "ndcg@10" in result.stdout
     csv_text = (run_dir / "csv" / "metrics.csv").read_text()
     assert "train/loss" in csv_text and "val/ndcg@10" in csv_text
+    # validation at steps 3 and 6 (every_n_steps=3) and at the two epoch ends (steps 4 and 8)
+    rows = list(csv.DictReader(csv_text.splitlines()))
+    assert sum(1 for row in rows if row.get("val/ndcg@10")) == 4
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is recorded"
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["batch_size"] == 8 and "commit" in info["git"]
