@@ -47,6 +47,8 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "optim.warmup_ratio", 0 <= cfg.optim.warmup_ratio < 1, "must lie in [0, 1).")
     require(cfg, "negatives.group_size", group >= 1, "must be at least 1.")
     require(cfg, "checkpoint.keep", cfg.checkpoint.keep >= 0, "must be 0 or more.")
+    require(cfg, "logger.wandb.mode", cfg.logger.wandb.mode in ("offline", "online", "disabled"),
+            "is not offline, online or disabled.")
     require(cfg, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 0, "must be 0 (epoch ends only) or more.")
     chunk = cfg.trainer.get("grad_cache_chunk")
     require(cfg, "trainer.grad_cache_chunk", chunk is None or (isinstance(chunk, int) and chunk >= 1),

@@ -47,8 +47,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     loggers = []
     if cfg.logger.csv:
         loggers.append(CSVLogger(run_dir, name="csv", version=""))
-    if cfg.logger.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"logger.wandb.mode={cfg.logger.wandb.mode} is not offline, online or disabled.")
     if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         wb, sweep = cfg.logger.wandb, hydra_job()
         loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
