@@ -5,6 +5,7 @@ Evaluates on the test split before and after training (by default), saves the mo
 """
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
@@ -42,11 +43,11 @@ def hydra_job() -> dict:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
-    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.loggers import WandbLogger
 
     loggers = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(run_dir, name="csv", version=""))
+        loggers.append(csv_logger(run_dir))
     if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         wb, sweep = cfg.logger.wandb, hydra_job()
         loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
@@ -55,6 +56,21 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return loggers
+
+
+def csv_logger(run_dir: Path):
+    """<run dir>/csv/metrics.csv. A resumed run appends to it: Lightning's writer deletes an existing file when it
+    starts, so the rows logged before the interruption are put back and the writer learns their header."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    path = run_dir / "csv" / "metrics.csv"
+    earlier = path.read_text() if path.is_file() else ""
+    logger = CSVLogger(run_dir, name="csv", version="")
+    writer = logger.experiment  # created here, deleting the file
+    if earlier:
+        path.write_text(earlier)
+        writer.metrics_keys = sorted(next(csv.reader(earlier.splitlines())))
+    return logger
 
 
 def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[RetrievalDataModule, Qrels | None]:

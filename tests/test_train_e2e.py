@@ -15,8 +15,8 @@ def train_run(tiny_model, beir_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train_run")
     result = run_module("retrieval_lab.train", f"data=beir", f"data.path={beir_folder}",
                         f"model.name_or_path={tiny_model}", "batch_size=8", "trainer.max_epochs=2",
-                        "optim.lr=1e-3", "eval.batch_size=16", "validation.corpus_sample=30", "validation.every_n_steps=3",
-                        "trainer.log_every_n_steps=1",
+                        "optim.lr=1e-3", "eval.batch_size=16", "validation.corpus_sample=30",
+                        "validation.every_n_steps=3", "trainer.log_every_n_steps=1",
                         f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result
@@ -115,3 +115,16 @@ def test_train_with_a_sampled_test_corpus_and_bad_wandb_mode(tiny_model, beir_fo
     kept = set(sample_corpus(BeirDataset(beir_folder).split("test"), 30, seed=0))
     ranked = {line.split()[2] for line in (tmp_path / "ok" / "after" / "run.trec").read_text().splitlines()}
     assert ranked <= kept and len(ranked) > 12
+
+
+def test_a_resumed_run_keeps_the_csv_rows_logged_before(tiny_model, beir_folder, tmp_path):
+    args = ["data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", "batch_size=8",
+            "eval.before=false", "eval.after=false", "save_model=false", "logger=csv", "trainer.log_every_n_steps=1",
+            f"hydra.run.dir={tmp_path}"]
+    for epochs in (1, 2):  # the second command continues the first run from its last.ckpt
+        result = run_module("retrieval_lab.train", *args, f"trainer.max_epochs={epochs}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
+    loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
+    assert loss_steps == list(range(8))  # 4 steps an epoch: epoch 1's rows after epoch 0's
+    assert sum(1 for row in rows if row.get("val/ndcg@10")) == 2
