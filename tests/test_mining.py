@@ -45,12 +45,12 @@ def test_bm25_mining_entry_point_never_returns_a_judged_positive(beir_folder, tm
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"qid": "q0", "neg": ["d1"]', "line 1 is not valid UTF-8 JSON"),
+    ('{"qid": "q0", "neg": ["d1"]', "line 1 is not valid JSON"),
     ('{"qid": "nope", "neg": ["d1"]}', "query id 'nope'"),
     ('{"qid": "q0", "neg": ["d999"]}', "corpus id 'd999'"),
     ('{"qid": "q0", "neg": ["d0"]}', "judged positive 'd0'"),
     ('{"qid": "q0", "neg": "d1"}', "'neg' must be a list"),
-    ('{"qid": "q0"}', "at least 'qid' and 'neg'"),
+    ('{"qid": "q0"}', "line 1 has no 'neg' field"),
     ('{"qid": "q0", "neg": ["d1"], "scores": {"d1": "high"}}', "'scores' must map"),
 ])
 def test_bad_negatives_files_are_refused(beir_folder, tmp_path, line, message):

@@ -51,7 +51,7 @@ def read_lines(path: Path, start: int = 1):
                 raise DataError(f"{path} line {lineno} is not valid UTF-8 ({err.reason} at byte {err.start}).") from None
 
 
-def _read_jsonl(path: Path, required: tuple[str, ...]):
+def read_jsonl(path: Path, required: tuple[str, ...]):
     """Yield (line number, record) for each non-blank line, checking JSON syntax and required fields."""
     _require_file(path)
     for lineno, line in read_lines(path):
@@ -88,7 +88,7 @@ def _text_of(record: dict, field: str, path: Path, lineno: int, default: str | N
 def _records_by_id(path: Path, kind: str, kinds: str):
     """Yield (line number, id, record) from a JSONL file with ``_id`` and ``text``, refusing repeated ids."""
     first_line: dict[str, int] = {}
-    for lineno, record in _read_jsonl(path, ("_id", "text")):
+    for lineno, record in read_jsonl(path, ("_id", "text")):
         record_id = _id_of(record, path, lineno)
         if record_id in first_line:
             raise DataError(f"{path} line {lineno} repeats {kind} id '{record_id}' (first seen on line {first_line[record_id]}).")

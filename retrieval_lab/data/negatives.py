@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrieval_lab.data.beir import BeirDataset, Qrels, read_lines
+from retrieval_lab.data.beir import BeirDataset, Qrels, read_jsonl
 from retrieval_lab.errors import DataError
 
 
@@ -35,15 +35,7 @@ def read_negatives(path: str | Path, dataset: BeirDataset, qrels: Qrels | None =
     if not path.is_file():
         raise DataError(f"negatives file {path} not found (make it with `python -m retrieval_lab.mine`).")
     out: dict[str, QueryNegatives] = {}
-    for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {lineno} is not valid UTF-8 JSON ({err.msg}).") from None
-        if not isinstance(record, dict) or "qid" not in record or "neg" not in record:
-            raise DataError(f"{path} line {lineno} must be an object with at least 'qid' and 'neg'.")
+    for lineno, record in read_jsonl(path, ("qid", "neg")):
         qid = str(record["qid"])
         if qid not in dataset.queries:
             raise DataError(f"{path} line {lineno} names query id '{qid}', which is not in queries.jsonl.")
