@@ -24,6 +24,8 @@ python -m retrieval_lab.score model.name_or_path=$OUT/cross_encoder/model model.
 python -m retrieval_lab.train experiment=scifact_infonce negatives=bm25 negatives.file=$NEG/ce-train.jsonl \
     loss=margin_mse loss.scale=20 eval.before=false hydra.run.dir=$OUT/margin_mse
 python -m retrieval_lab.train experiment=scifact_infonce negatives=bm25 negatives.file=$NEG/ce-train.jsonl \
+    loss=margin_mse loss.scale=20 loss.alpha=1 eval.before=false hydra.run.dir=$OUT/margin_mse_alpha1
+python -m retrieval_lab.train experiment=scifact_infonce negatives=bm25 negatives.file=$NEG/ce-train.jsonl \
     loss=listwise_kl negatives.group_size=4 batch_size=16 eval.before=false hydra.run.dir=$OUT/listwise_kl
 # 5. RocketQA-v2: retriever and ranker (starting from the teacher) trained together
 python -m retrieval_lab.train experiment=scifact_infonce module=rocketqa negatives.group_size=4 batch_size=16 \
