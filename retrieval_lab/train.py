@@ -69,7 +69,7 @@ def csv_logger(run_dir: Path):
     writer = logger.experiment  # created here, deleting the file
     if earlier:
         path.write_text(earlier)
-        writer.metrics_keys = sorted(next(csv.reader(earlier.splitlines())))
+        writer.metrics_keys = next(csv.reader(earlier.splitlines()))  # the columns in the file's order
     return logger
 
 
