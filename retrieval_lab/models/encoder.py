@@ -45,10 +45,13 @@ def resolve_model_path(name_or_path: str) -> str:
 def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     path = resolve_model_path(name_or_path)
     try:
-        return auto_class.from_pretrained(path, **kwargs)
+        loaded = auto_class.from_pretrained(path, **kwargs)
     except OSError as err:
         raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, and the hub has no such "
                           f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
+    # weights stored in half precision (transformers loads them as stored) are trained and kept in float32;
+    # mixed precision casts on the fly
+    return loaded.float() if isinstance(loaded, nn.Module) else loaded
 
 
 def load_tokenizer(name_or_path: str):
