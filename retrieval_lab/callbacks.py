@@ -33,13 +33,14 @@ class RetrievalValidation(L.Callback):
 
     def __init__(self, dev: BeirSplit, corpus_sample: int | None = None, every_n_epochs: int = 1,
                  batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0,
-                 every_n_steps: int | None = None):
+                 every_n_steps: int | None = None, index: str = "flat"):
         self.dev = BeirSplit(sample_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
+        self.index = index
         self.every_n_epochs, self.batch_size, self.k, self.metrics = every_n_epochs, batch_size, k, tuple(metrics)
         self.every_n_steps = every_n_steps
 
     def validate(self, pl_module: L.LightningModule) -> dict:
-        retriever = pl_module.retriever(self.batch_size, progress=False)
+        retriever = pl_module.retriever(self.batch_size, self.index, progress=False)
         run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
         return {f"val/{name}": value for name, value in evaluate_run(self.dev.qrels, run, self.metrics).items()}
 
@@ -77,9 +78,11 @@ class NumericGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if str(trainer.precision) == "16-mixed":
             return
-        for name, param in pl_module.named_parameters():
-            if param.grad is not None and not torch.isfinite(param.grad).all():
-                self.fail(trainer, f"the gradient of {name} is not finite")
+        named = [(name, p.grad) for name, p in pl_module.named_parameters() if p.grad is not None]
+        if not named or torch.stack([torch.isfinite(g).all() for _, g in named]).all():  # one sync, not one per tensor
+            return
+        name = next(name for name, g in named if not torch.isfinite(g).all())
+        self.fail(trainer, f"the gradient of {name} is not finite")
 
     def fail(self, trainer, what: str) -> None:
         path = self.checkpoint_dir / "last-good.ckpt"

@@ -41,6 +41,18 @@ def test_flat_search_equals_brute_force_and_hnsw_agrees(encoder, beir_folder):
     assert overlap >= 0.9
 
 
+def test_torch_index_returns_what_faiss_flat_returns(encoder, beir_folder):
+    split = BeirDataset(beir_folder).split("test")
+    flat = DenseRetriever(encoder, batch_size=16, progress=False).retrieve(split.corpus, split.queries, k=5)
+    exact = DenseRetriever(encoder, batch_size=16, index="torch", progress=False).retrieve(split.corpus, split.queries, 5)
+    assert flat.keys() == exact.keys()
+    for qid in flat:
+        assert list(flat[qid]) == list(exact[qid])
+        assert np.allclose(list(flat[qid].values()), list(exact[qid].values()), atol=1e-5)
+    scores, ids = build_index(np.eye(3, dtype=np.float32), "torch").search(np.array([[0.1, 0.9, 0.5]], "float32"), 2)
+    assert ids.tolist() == [[1, 2]] and np.allclose(scores, [[0.9, 0.5]])
+
+
 def test_unknown_index_is_refused():
     with pytest.raises(ConfigError, match="retriever.index"):
         build_index(np.zeros((2, 4), dtype=np.float32), "ivf-magic")
@@ -58,6 +70,12 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     assert cache.misses == 1
     one_by_one = np.stack([encode_texts(encoder, [t], "doc", progress=False, cache=None)[0] for t in texts])
     assert (np.sum(cached * one_by_one, axis=1) > 0.9999).all() and np.allclose(cached, again, atol=1e-5)
+    # the Rust backend, chunk by chunk, gives the tokenizer's own ids, longest texts first, every text once
+    expected = encoder.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    assert TokenCache().get(encoder.tokenizer, texts, 32) == expected
+    chunks = list(TokenCache().stream(encoder.tokenizer, texts, 32, chunk=4))
+    assert [len(idx) for idx, _ in chunks] == [4, 2] and chunks[0][0][0] == 5
+    assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == dict(enumerate(expected))
     lengths = [30, 2, 12, 7, 30, 1]
     batches = token_batches(lengths, batch_size=8, token_budget=40)
     assert sorted(i for b in batches for i in b) == list(range(6))

@@ -3,6 +3,7 @@ inner-product index."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -19,26 +20,71 @@ def pick_device(device: str | None) -> str | None:
     return device
 
 
+def rust_tokenizer(tokenizer, max_length: int):
+    """A private copy of a fast tokenizer's Rust backend that truncates to ``max_length`` and adds the special
+    tokens, or None for a tokenizer without one (then the tokenizer's own call is used)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.enable_truncation(max_length)
+    return copy
+
+
 class TokenCache:
     """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
-    once, in one batched call of the fast tokenizer (which uses every core), and every later encoding of the
-    same texts (each validation, each ANCE refresh, the final evaluation) only pads and runs the model.
-    Keyed by the tokenizer, the maximum length and the texts themselves; holds the ``size`` newest entries."""
+    once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
+    chunks already done), and every later encoding of the same texts (each validation, each ANCE refresh, the
+    final evaluation) only pads and runs the model. Keyed by the tokenizer, the maximum length and the texts
+    themselves; holds the ``size`` newest entries."""
 
     def __init__(self, size: int = 4):
         self.size, self.entries, self.misses = size, OrderedDict(), 0
+        self.backends = {}
 
     def get(self, tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+        ids = [None] * len(texts)
+        for idx, chunk in self.stream(tokenizer, texts, max_length):
+            for i, x in zip(idx, chunk):
+                ids[i] = x
+        return ids
+
+    def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
+        """Yield (indices, token ids of those texts): everything at once when cached, else chunks of ``chunk``
+        texts, longest (in characters) first, each tokenised while the caller works on the previous one."""
         key = (id(tokenizer), max_length, len(texts), hash(tuple(texts)))
-        if key in self.entries:
+        if key in self.entries and self.entries[key][0] is tokenizer:
             self.entries.move_to_end(key)
-            return self.entries[key]
+            yield np.arange(len(texts)), self.entries[key][1]
+            return
         self.misses += 1
-        ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        self.entries[key] = ids
+        # entries hold their tokenizer, so that its id is not reused by another one while they are kept
+        if self.backends.get((id(tokenizer), max_length), (None,))[0] is not tokenizer:
+            self.backends[(id(tokenizer), max_length)] = (tokenizer, rust_tokenizer(tokenizer, max_length))
+        backend = self.backends[(id(tokenizer), max_length)][1]
+
+        def tokenize(idx: np.ndarray) -> list[list[int]]:
+            batch = [texts[i] for i in idx]
+            if backend is None:
+                return tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
+            return [enc.ids for enc in backend.encode_batch(batch)]
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks = [order[start:start + chunk] for start in range(0, len(order), chunk)]
+        ids = [None] * len(texts)
+        with ThreadPoolExecutor(1) as pool:  # the Rust tokenizer releases the GIL and uses every core itself
+            futures = [pool.submit(tokenize, idx) for idx in chunks]
+            for idx, future in zip(chunks, futures):
+                part = future.result()
+                for i, x in zip(idx, part):
+                    ids[i] = x
+                yield idx, part
+        self.entries[key] = (tokenizer, ids)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
-        return ids
 
 
 TOKEN_CACHE = TokenCache()
@@ -56,33 +102,72 @@ def token_batches(lengths: list[int], batch_size: int, token_budget: int | None)
     return batches
 
 
+def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids and attention mask, built in numpy (the tokenizer's own ``pad`` is far slower)."""
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+
+
 @torch.inference_mode()
 def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
                  cache: TokenCache | None = TOKEN_CACHE) -> np.ndarray:
     """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
-    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count)."""
+    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count). On a GPU
+    the model runs under bf16 autocast, batches are copied asynchronously and the embeddings stay there until
+    the end (one copy back, no synchronisation per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
-    ids = (cache or TokenCache()).get(encoder.tokenizer, texts, max_length)
-    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
-    use_bf16 = device.type == "cuda"
+    out = torch.zeros((len(texts), encoder.dim), dtype=torch.float32, device=device)
+    cuda = device.type == "cuda"
+    pad_id = encoder.tokenizer.pad_token_id or 0
     was_training = encoder.training
     encoder.eval()
     try:
-        for idx in tqdm(token_batches([len(x) for x in ids], batch_size, token_budget), desc=desc or f"encode {side}s",
-                        unit="batch", disable=not progress, leave=False):
-            inputs = encoder.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                emb = encoder.encode_queries(inputs) if side == "query" else encoder.encode_docs(inputs)
-            out[idx] = emb.float().cpu().numpy()
+        bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
+        for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length):
+            for rows in token_batches([len(x) for x in ids], batch_size, token_budget):
+                inputs = pad_batch([ids[r] for r in rows], pad_id)
+                if cuda:
+                    inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    emb = encoder.encode_queries(inputs) if side == "query" else encoder.encode_docs(inputs)
+                out[torch.from_numpy(chunk[rows]).to(device)] = emb.float()
+                bar.update(len(rows))
+        bar.close()
     finally:
         encoder.train(was_training)
-    return out
+    return out.cpu().numpy()
 
 
-def build_index(embeddings: np.ndarray, index: str = "flat"):
-    """``flat``: exact inner product; ``hnsw``: approximate (HNSW graph, 32 links) for large corpora."""
+class TorchIndex:
+    """Exact inner-product search with torch on any device (on a GPU: a matrix product and top-k there), with the
+    ``search`` signature of a faiss index."""
+
+    def __init__(self, embeddings: np.ndarray, device: str | torch.device | None = None, chunk: int = 4096):
+        self.embeddings = torch.as_tensor(embeddings, dtype=torch.float32, device=device)
+        self.chunk = chunk
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = torch.as_tensor(queries, dtype=torch.float32, device=self.embeddings.device)
+        scores, ids = [], []
+        for start in range(0, len(queries), self.chunk):
+            top = (queries[start:start + self.chunk] @ self.embeddings.T).topk(min(k, len(self.embeddings)), dim=1)
+            scores.append(top.values.cpu())
+            ids.append(top.indices.cpu())
+        return torch.cat(scores).numpy(), torch.cat(ids).numpy()
+
+
+def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch.device | None = None):
+    """``flat``: exact inner product (faiss); ``hnsw``: approximate (faiss HNSW graph, 32 links) for large corpora;
+    ``torch``: exact inner product with torch on ``device`` (the GPU, when the encoder is there)."""
+    if index == "torch":
+        return TorchIndex(embeddings, device)
     import faiss
 
     dim = embeddings.shape[1]
@@ -92,7 +177,7 @@ def build_index(embeddings: np.ndarray, index: str = "flat"):
         faiss_index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         faiss_index.hnsw.efSearch = 256
     else:
-        raise ConfigError(f"retriever.index must be 'flat' or 'hnsw', got '{index}'.")
+        raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
     faiss_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     return faiss_index
 
@@ -115,7 +200,7 @@ class DenseRetriever:
                                self.device, self.progress, desc="encode corpus", token_budget=self.token_budget)
         query_emb = encode_texts(self.encoder, [queries[q] for q in qids], "query", self.batch_size, self.device,
                                  self.progress, desc="encode queries", token_budget=self.token_budget)
-        index = build_index(doc_emb, self.index)
+        index = build_index(doc_emb, self.index, self.device)
         scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}
