@@ -8,10 +8,12 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -117,7 +119,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed,
-                                             every_n_steps=cfg.validation.get("every_n_steps")))
+                                             every_n_steps=cfg.validation.get("every_n_steps"), index=cfg.eval.index))
     return callbacks
 
 
@@ -182,7 +184,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams),
                           default_root_dir=str(run_dir),
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
+    fit = {"fit_seconds": round(time.perf_counter() - start, 1)}
+    if torch.cuda.is_available():
+        fit["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if cfg.save_model:
         save_atomically(encoder, run_dir / "model")
         if getattr(module, "cross_encoder", None) is not None:  # RocketQA-v2 trains a ranker too
@@ -196,7 +202,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if type(logger).__name__ == "WandbLogger":  # end the W&B run: the next job of a sweep process starts its own
             logger.experiment.finish()
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split, **results,
-                                          "steps": trainer.global_step, **commit})
+                                          "steps": trainer.global_step, **fit, **commit})
     if results:
         print_table(results, list(cfg.eval.metrics), title=f"{cfg.data.name} {cfg.eval.split}")
     print(f"outputs in {run_dir}" + (f" (model: {run_dir / 'model'})" if cfg.save_model else ""))
