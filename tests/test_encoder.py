@@ -85,3 +85,23 @@ def test_random_init_builds_the_architecture_with_new_weights(tiny_model):
     assert not torch.allclose(same.query_model.embeddings.word_embeddings.weight, w_pre)
     with pytest.raises(ConfigError, match="model.random_init.no_such_field"):
         Encoder(str(tiny_model), random_init={"no_such_field": 3})
+
+
+def test_half_precision_weights_load_in_float32(tiny_model, tmp_path):
+    """A model folder saved in fp16 (how weights travel cheaply) trains in fp32 like any other."""
+    from transformers import AutoModel
+
+    from retrieval_lab.models.cross_encoder import CrossEncoder
+
+    half = tmp_path / "half"
+    AutoModel.from_pretrained(tiny_model).half().save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tiny_model / name).exists():
+            (half / name).write_bytes((tiny_model / name).read_bytes())
+    full, from_half = Encoder(str(tiny_model)).eval(), Encoder(str(half)).eval()
+    assert {p.dtype for p in from_half.parameters()} == {torch.float32}
+    assert {p.dtype for p in CrossEncoder(str(half)).parameters()} == {torch.float32}
+    with torch.no_grad():
+        inputs = full.tokenize(["protein cancer"], "doc")
+        assert torch.allclose(full.encode_docs(inputs), from_half.encode_docs(inputs), atol=1e-2)
+

@@ -83,6 +83,12 @@ def test_evaluate_dense_and_bm25(tiny_model, beir_folder, tmp_path):
         assert len({line.split()[0] for line in lines}) == 12  # every test query has a ranking
     # BM25 on this toy data finds the right topic words: near-perfect
     assert json.loads((tmp_path / "bm25" / "metrics.json").read_text())["metrics"]["recall@100"] == 1.0
+    # exact search with torch instead of faiss: the same rankings
+    result = run_module("retrieval_lab.evaluate", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", "retriever.index=torch", f"hydra.run.dir={tmp_path / 'torch'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranked = lambda run: [line.split()[:3] for line in (tmp_path / run / "run.trec").read_text().splitlines()]  # noqa: E731
+    assert ranked("torch") == ranked("dense")
 
 
 def test_sample_corpus_keeps_judged_documents_and_a_fixed_random_rest():
