@@ -42,15 +42,12 @@ class TokenCache:
     themselves; holds the ``size`` newest entries."""
 
     def __init__(self, size: int = 4):
-        self.size, self.entries, self.misses = size, OrderedDict(), 0
-        self.backends = {}
+        self.size, self.entries, self.backends, self.misses = size, OrderedDict(), OrderedDict(), 0
 
-    def get(self, tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-        ids = [None] * len(texts)
-        for idx, chunk in self.stream(tokenizer, texts, max_length):
-            for i, x in zip(idx, chunk):
-                ids[i] = x
-        return ids
+    def _keep(self, table: OrderedDict, key, value) -> None:
+        table[key] = value
+        while len(table) > self.size:
+            table.popitem(last=False)
 
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
         """Yield (indices, token ids of those texts): everything at once when cached, else chunks of ``chunk``
@@ -63,7 +60,7 @@ class TokenCache:
         self.misses += 1
         # entries hold their tokenizer, so that its id is not reused by another one while they are kept
         if self.backends.get((id(tokenizer), max_length), (None,))[0] is not tokenizer:
-            self.backends[(id(tokenizer), max_length)] = (tokenizer, rust_tokenizer(tokenizer, max_length))
+            self._keep(self.backends, (id(tokenizer), max_length), (tokenizer, rust_tokenizer(tokenizer, max_length)))
         backend = self.backends[(id(tokenizer), max_length)][1]
 
         def tokenize(idx: np.ndarray) -> list[list[int]]:
@@ -82,9 +79,7 @@ class TokenCache:
                 for i, x in zip(idx, part):
                     ids[i] = x
                 yield idx, part
-        self.entries[key] = (tokenizer, ids)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        self._keep(self.entries, key, (tokenizer, ids))
 
 
 TOKEN_CACHE = TokenCache()
