@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -63,3 +64,16 @@ def test_hybrid_through_evaluate(tiny_model, beir_folder, tmp_path):
     assert metrics["alpha"] in [0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5]
     assert max(metrics["dev_ndcg@10"].values()) == pytest.approx(metrics["dev_ndcg@10"][str(metrics["alpha"])])
     assert 0 <= metrics["metrics"]["ndcg@10"] <= 1
+
+
+def test_bm25_keeps_jax_off_the_gpu_unless_told(monkeypatch):
+    """bm25s runs JAX at import when JAX is installed; on a GPU machine JAX would take 75% of the GPU from PyTorch."""
+    from retrieval_lab.retrieval.bm25 import BM25Retriever
+
+    corpus = {"d1": Document("", "protein folding"), "d2": Document("", "vitamin deficiency")}
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert list(BM25Retriever().retrieve(corpus, {"q": "protein"}, k=1)["q"]) == ["d1"]
+    assert os.environ["JAX_PLATFORMS"] == "cpu"
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    BM25Retriever().retrieve(corpus, {"q": "protein"}, k=1)
+    assert os.environ["JAX_PLATFORMS"] == "cuda"

@@ -1,6 +1,8 @@
 """BM25 baseline through bm25s (English Snowball stemmer and stop words, title + text)."""
 from __future__ import annotations
 
+import os
+
 from retrieval_lab.data.beir import Document
 
 
@@ -16,6 +18,10 @@ class BM25Retriever:
         return Stemmer.Stemmer(self.stemmer_name)
 
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
+        # bm25s runs a JAX top-k when it is imported, if JAX is installed; on a GPU machine JAX then reserves 75% of
+        # the GPU's memory for itself, out of PyTorch's reach (seen on an H100: 60 GiB, and the other runs on the
+        # GPU failed for memory). Its top-k stays on the CPU unless JAX_PLATFORMS says otherwise.
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
         doc_ids = list(corpus)
