@@ -24,6 +24,8 @@ def test_encoding_keeps_input_order_despite_length_sorting(encoder):
         one_by_one = np.stack([encoder.encode_docs(encoder.tokenize([t], "doc"))[0].numpy() for t in texts])
     encoder.train()
     assert np.allclose(batched, one_by_one, atol=1e-5)
+    # embeddings copied back after every batch instead of at the end: the same result
+    assert np.array_equal(encode_texts(encoder, texts, "doc", batch_size=2, progress=False, flush_rows=1), batched)
 
 
 def test_flat_search_equals_brute_force_and_hnsw_agrees(encoder, beir_folder):

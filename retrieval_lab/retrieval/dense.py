@@ -111,16 +111,25 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 @torch.inference_mode()
 def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
-                 cache: TokenCache | None = TOKEN_CACHE) -> np.ndarray:
+                 cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536) -> np.ndarray:
     """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
     and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count). On a GPU
-    the model runs under bf16 autocast, batches are copied asynchronously and the embeddings stay there until
-    the end (one copy back, no synchronisation per batch)."""
+    the model runs under bf16 autocast, batches are copied asynchronously, and embeddings wait there and come
+    back ``flush_rows`` at a time, so the CPU prepares the next batches while the GPU runs (no synchronisation
+    per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
-    out = torch.zeros((len(texts), encoder.dim), dtype=torch.float32, device=device)
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
     cuda = device.type == "cuda"
     pad_id = encoder.tokenizer.pad_token_id or 0
+    pending_rows, pending = [], []  # embeddings still on the device, and the rows of ``out`` they go to
+
+    def flush() -> None:
+        if pending:
+            out[np.concatenate(pending_rows)] = torch.cat(pending).float().cpu().numpy()
+            pending_rows.clear()
+            pending.clear()
+
     was_training = encoder.training
     encoder.eval()
     try:
@@ -131,13 +140,16 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
                 if cuda:
                     inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    emb = encoder.encode_queries(inputs) if side == "query" else encoder.encode_docs(inputs)
-                out[torch.from_numpy(chunk[rows]).to(device)] = emb.float()
+                    pending.append(encoder.encode_queries(inputs) if side == "query" else encoder.encode_docs(inputs))
+                pending_rows.append(chunk[rows])
+                if sum(len(r) for r in pending_rows) >= flush_rows:
+                    flush()
                 bar.update(len(rows))
+        flush()
         bar.close()
     finally:
         encoder.train(was_training)
-    return out.cpu().numpy()
+    return out
 
 
 class TorchIndex:
