@@ -75,10 +75,49 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     # the Rust backend, chunk by chunk, gives the tokenizer's own ids, longest texts first, every text once
     expected = encoder.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
     chunks = list(TokenCache().stream(encoder.tokenizer, texts, 32, chunk=4))
-    assert [len(idx) for idx, _ in chunks] == [4, 2] and chunks[0][0][0] == 5
+    assert [len(idx) for idx, _ in chunks] == [1, 2, 3] and chunks[0][0][0] == 5  # chunks grow to at most 4
+    assert [len(idx) for idx, _ in TokenCache().stream(encoder.tokenizer, texts * 5, 32, chunk=8)] == [1, 2, 4, 8, 8, 7]
     assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == dict(enumerate(expected))
     lengths = [30, 2, 12, 7, 30, 1]
     batches = token_batches(lengths, batch_size=8, token_budget=40)
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in batches if len(b) > 1)
     assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
+
+
+def _trained_tokenizer(pre_tokenizer, decoder=None):
+    """A small BPE tokenizer trained here, with the given pre-tokenizer, wrapped like a Hugging Face fast one."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["protein", "cancer", "virus", "immunohistochemistry", "cell", "a", "of", "the", "and"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.train_from_iterator([" ".join(words[(i * 7 + j) % 9] for j in range(30)) for i in range(50)],
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_model):
+    """Long texts are tokenised from a prefix cut at a space; the ids equal those of the whole text, truncated,
+    for BERT word pieces, byte-level and metaspace BPE, also where the prefix falls short (long words)."""
+    from tokenizers import pre_tokenizers
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import dense
+
+    rng = np.random.default_rng(0)
+    words = ["protein", "cancer", "virus", "immunohistochemistry" * 3, "cell", "a", "of", "the", "and", ",", "."]
+    texts = [" ".join(rng.choice(words, size=n)) for n in (1, 5, 40, 80, 300, 600)]
+    texts += ["  ".join(["immunohistochemistry" * 4] * 40), "x" * 500, "word " * 100 + "   ", "  lead  " * 90]
+    max_length = 24
+    for tokenizer in (load_tokenizer(str(tiny_model)), _trained_tokenizer(pre_tokenizers.ByteLevel()),
+                      _trained_tokenizer(pre_tokenizers.Metaspace())):
+        backend = dense.rust_tokenizer(tokenizer, max_length)
+        assert type(backend.pre_tokenizer).__name__ in dense.SPLITS_AT_SPACES
+        full = [enc.ids for enc in backend.encode_batch(texts)]
+        assert any(len(dense.cut_at_space(t, dense.CHARS_PER_TOKEN * max_length)) < len(t) for t in texts)
+        assert dense.tokenize_ids(backend, texts, max_length) == full
+        assert dense.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
+                                                                            max_length=max_length)["input_ids"]
+    assert dense.cut_at_space("ab cd  ef gh", 8) == "ab cd" and dense.cut_at_space("abcdefgh", 3) == "abcdefgh"

@@ -30,8 +30,37 @@ def rust_tokenizer(tokenizer, max_length: int):
 
     copy = Tokenizer.from_str(backend.to_str())
     copy.no_padding()
-    copy.enable_truncation(max_length)
+    copy.enable_truncation(max_length)  # keeps the first tokens, whatever the tokenizer's truncation side
     return copy
+
+
+# pre-tokenizers that split words at spaces: a text cut just before a space begins with the whole text's tokens
+SPLITS_AT_SPACES = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+CHARS_PER_TOKEN = 6  # text cut at max_length * this many characters first; few texts need their whole text after
+
+
+def cut_at_space(text: str, limit: int) -> str:
+    """``text`` cut before its last space within ``limit`` characters (unchanged when short or without a space)."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(" ", 0, limit + 1)
+    return text[:end].rstrip() if end > 0 else text
+
+
+def tokenize_ids(backend, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of ``texts`` truncated to ``max_length``, from a :func:`rust_tokenizer` backend. Truncation keeps
+    the first tokens, so for tokenizers that split at spaces only a prefix of each long text is tokenised: the
+    text cut at a space after ``CHARS_PER_TOKEN * max_length`` characters. A cut text that still fills
+    ``max_length`` tokens has the whole text's first tokens; the others are tokenised again in full."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
+    if type(backend.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
+        return [enc.ids for enc in encode(texts)]
+    cut = [cut_at_space(text, CHARS_PER_TOKEN * max_length) for text in texts]
+    ids = [enc.ids for enc in encode(cut)]
+    short = [i for i, (text, x) in enumerate(zip(texts, ids)) if len(x) < max_length and len(cut[i]) < len(text)]
+    for i, enc in zip(short, encode([texts[i] for i in short]) if short else []):
+        ids[i] = enc.ids
+    return ids
 
 
 class TokenCache:
@@ -50,8 +79,9 @@ class TokenCache:
             table.popitem(last=False)
 
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
-        """Yield (indices, token ids of those texts): everything at once when cached, else chunks of ``chunk``
-        texts, longest (in characters) first, each tokenised while the caller works on the previous one."""
+        """Yield (indices, token ids of those texts): everything at once when cached, else chunks of up to
+        ``chunk`` texts (the first ones smaller), longest (in characters) first, each tokenised while the caller
+        works on the previous one."""
         key = (id(tokenizer), max_length, len(texts), hash(tuple(texts)))
         if key in self.entries and self.entries[key][0] is tokenizer:
             self.entries.move_to_end(key)
@@ -67,10 +97,13 @@ class TokenCache:
             batch = [texts[i] for i in idx]
             if backend is None:
                 return tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
-            return [enc.ids for enc in backend.encode_batch(batch)]
+            return tokenize_ids(backend, batch, max_length)
 
         order = np.argsort([-len(t) for t in texts], kind="stable")
-        chunks = [order[start:start + chunk] for start in range(0, len(order), chunk)]
+        chunks, start, size = [], 0, max(1, chunk // 8)  # a small first chunk, so that the GPU starts early
+        while start < len(order):
+            chunks.append(order[start:start + size])
+            start, size = start + size, min(chunk, 2 * size)
         ids = [None] * len(texts)
         with ThreadPoolExecutor(1) as pool:  # the Rust tokenizer releases the GIL and uses every core itself
             futures = [pool.submit(tokenize, idx) for idx in chunks]
