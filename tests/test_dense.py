@@ -121,3 +121,18 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
         assert dense.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
                                                                             max_length=max_length)["input_ids"]
     assert dense.cut_at_space("ab cd  ef gh", 8) == "ab cd" and dense.cut_at_space("abcdefgh", 3) == "abcdefgh"
+
+
+def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
+    """``dtype``: a bf16 copy of the weights encodes; the encoder keeps its float32 weights."""
+    encoder = Encoder(tiny_model)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    texts = ["a protein study of cancer cells", "gene", "virus and vaccine " * 10]
+    exact = encode_texts(encoder, texts, "doc", progress=False, cache=None)
+    half = encode_texts(encoder, texts, "doc", progress=False, cache=None, dtype="bfloat16")
+    assert half.dtype == np.float32 and not np.array_equal(half, exact)  # bf16 arithmetic did run
+    assert (np.sum(half * exact, axis=1) > 0.99).all()
+    assert encoder.training and all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert next(encoder.parameters()).dtype == torch.float32
+    with pytest.raises(ConfigError, match="retriever.dtype"):
+        encode_texts(encoder, texts, "doc", progress=False, dtype="fp8")

@@ -2,6 +2,7 @@
 inner-product index."""
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -141,16 +142,37 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def with_dtype(encoder, dtype: torch.dtype | None):
+    """``encoder`` itself when its weights are already ``dtype`` (or ``dtype`` is None), else a copy with weights
+    in ``dtype`` that shares its tokenizer (the training weights stay as they are)."""
+    if dtype is None or next(encoder.parameters()).dtype == dtype:
+        return encoder
+    return copy.deepcopy(encoder, memo={id(encoder.tokenizer): encoder.tokenizer}).to(dtype)
+
+
 @torch.inference_mode()
 def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
-                 cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536) -> np.ndarray:
+                 cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
+                 dtype: torch.dtype | str | None = "auto") -> np.ndarray:
     """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
-    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count). On a GPU
-    the model runs under bf16 autocast, batches are copied asynchronously, and embeddings wait there and come
-    back ``flush_rows`` at a time, so the CPU prepares the next batches while the GPU runs (no synchronisation
-    per batch)."""
+    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
+    ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
+    of the encoder with its weights in that type, without autocast. On a GPU batches are copied asynchronously,
+    and embeddings wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while
+    the GPU runs (no synchronisation per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
+    autocast = dtype == "auto" and device.type == "cuda"
+    if dtype == "auto":
+        dtype = None
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"retriever.dtype must be 'auto' or one of {', '.join(DTYPES)}, got '{dtype}'.")
+        dtype = DTYPES[dtype]
+    model = with_dtype(encoder, dtype)
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
     out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
     cuda = device.type == "cuda"
@@ -164,7 +186,7 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
             pending.clear()
 
     was_training = encoder.training
-    encoder.eval()
+    model.eval()
     try:
         bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
         for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length):
@@ -172,8 +194,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
                 inputs = pad_batch([ids[r] for r in rows], pad_id)
                 if cuda:
                     inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    pending.append(encoder.encode_queries(inputs) if side == "query" else encoder.encode_docs(inputs))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    pending.append(model.encode_queries(inputs) if side == "query" else model.encode_docs(inputs))
                 pending_rows.append(chunk[rows])
                 if sum(len(r) for r in pending_rows) >= flush_rows:
                     flush()
@@ -226,9 +248,9 @@ class DenseRetriever:
     """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
-                 progress: bool = True, token_budget: int | None = None):
+                 progress: bool = True, token_budget: int | None = None, dtype: str = "auto"):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
-        self.token_budget = token_budget
+        self.token_budget, self.dtype = token_budget, dtype
         device = pick_device(device)
         if device is not None:
             self.encoder.to(device)
@@ -237,9 +259,10 @@ class DenseRetriever:
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
         doc_emb = encode_texts(self.encoder, [corpus[d].full_text for d in doc_ids], "doc", self.batch_size,
-                               self.device, self.progress, desc="encode corpus", token_budget=self.token_budget)
+                               self.device, self.progress, desc="encode corpus", token_budget=self.token_budget,
+                               dtype=self.dtype)
         query_emb = encode_texts(self.encoder, [queries[q] for q in qids], "query", self.batch_size, self.device,
-                                 self.progress, desc="encode queries", token_budget=self.token_budget)
+                                 self.progress, desc="encode queries", token_budget=self.token_budget, dtype=self.dtype)
         index = build_index(doc_emb, self.index, self.device)
         scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
