@@ -123,6 +123,17 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
     return callbacks
 
 
+def is_first_process() -> bool:
+    """Whether this is the first process of a (possibly) distributed run, known before Lightning sets one up:
+    torchrun sets RANK, SLURM sets SLURM_PROCID, and Lightning's own launcher starts the other processes of a
+    machine with LOCAL_RANK and the other machines with NODE_RANK. Only the first process evaluates and writes
+    the run's outputs; the others only train."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name]) == 0
+    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
 def save_atomically(model, folder: Path) -> None:
     """Write the model to ``<folder>.partial`` and rename it: a crash while saving never leaves a complete-looking
     model folder."""
@@ -170,7 +181,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     commit = config.git_commit()  # the code as it was when the run started
     info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info, **hydra_job()}  # choices: W&B columns
-    write_json(run_dir / "run_info.json", hparams)
+    first = is_first_process()
+    if first:
+        write_json(run_dir / "run_info.json", hparams)
 
     def test_eval(name: str) -> dict:
         retriever = module.retriever(cfg.eval.batch_size, cfg.eval.index, device="auto")
@@ -178,7 +191,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                   tag=name)
 
     results = {}
-    if cfg.eval.before:
+    if cfg.eval.before and first:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
     trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams),
@@ -187,6 +200,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
     fit = {"fit_seconds": round(time.perf_counter() - start, 1)}
+    if not trainer.is_global_zero:  # DDP: the first process saves, evaluates and writes the outputs
+        return {}
     if torch.cuda.is_available():
         fit["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if cfg.save_model:

@@ -65,3 +65,35 @@ def test_gathered_negatives_equal_the_single_process_batch(chunk, tiny_model, be
         assert rank["loss"] == pytest.approx(loss.item(), rel=1e-5)
         for name, param in module.named_parameters():
             assert torch.allclose(rank["grads"][name], param.grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_train_entry_point_under_ddp_writes_one_set_of_outputs(tiny_model, beir_folder, tmp_path):
+    """`python -m retrieval_lab.train trainer.devices=2 trainer.strategy=ddp` (two CPU processes): each process
+    takes half of every epoch's queries, and only the first one evaluates, saves and writes the outputs."""
+    import json
+
+    from conftest import run_module
+
+    result = run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", "batch_size=8", "trainer.max_epochs=1",
+                        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                        "eval.batch_size=16", "validation.corpus_sample=30", "logger.wandb.enabled=false",
+                        f"hydra.run.dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("outputs in") == 1 and result.stdout.count("before training") == 1
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == (36 // 2) // 8  # 36 training queries (10% carved for dev) split over 2 processes
+    assert {"before", "after"} <= metrics.keys() and (tmp_path / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("env, first", [({}, True), ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1"}, False),
+                                        ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "3"}, False),
+                                        ({"SLURM_PROCID": "2"}, False), ({"SLURM_PROCID": "0"}, True)])
+def test_first_process_is_known_from_the_launchers_environment(env, first, monkeypatch):
+    from retrieval_lab.train import is_first_process
+
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert is_first_process() is first
