@@ -136,3 +136,19 @@ def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
     assert next(encoder.parameters()).dtype == torch.float32
     with pytest.raises(ConfigError, match="retriever.dtype"):
         encode_texts(encoder, texts, "doc", progress=False, dtype="fp8")
+
+
+def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_model):
+    import gc
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import dense
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    backend = dense.rust_tokenizer(tokenizer, 16)
+    assert dense.rust_tokenizer(tokenizer, 16) is backend and dense.rust_tokenizer(tokenizer, 32) is not backend
+    assert backend is not tokenizer.backend_tokenizer and len(backend.encode("word " * 40).ids) == 16
+    count = len(dense.BACKENDS)
+    del tokenizer
+    gc.collect()
+    assert len(dense.BACKENDS) == count - 1

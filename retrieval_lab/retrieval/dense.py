@@ -3,6 +3,7 @@ inner-product index."""
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,16 +24,23 @@ def pick_device(device: str | None) -> str | None:
 
 def rust_tokenizer(tokenizer, max_length: int):
     """A private copy of a fast tokenizer's Rust backend that truncates to ``max_length`` and adds the special
-    tokens, or None for a tokenizer without one (then the tokenizer's own call is used)."""
+    tokens, or None for a tokenizer without one (then the tokenizer's own call is used). Made once per tokenizer
+    and length (a copy takes ~20 ms), and kept while the tokenizer lives."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import Tokenizer
+    copies = BACKENDS.setdefault(tokenizer, {})
+    if max_length not in copies:
+        from tokenizers import Tokenizer
 
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.enable_truncation(max_length)  # keeps the first tokens, whatever the tokenizer's truncation side
-    return copy
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.enable_truncation(max_length)  # keeps the first tokens, whatever the tokenizer's truncation side
+        copies[max_length] = copy
+    return copies[max_length]
+
+
+BACKENDS = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: its Rust backend copy}
 
 
 # pre-tokenizers that split words at spaces: a text cut just before a space begins with the whole text's tokens
@@ -72,12 +80,8 @@ class TokenCache:
     themselves; holds the ``size`` newest entries."""
 
     def __init__(self, size: int = 4):
-        self.size, self.entries, self.backends, self.misses = size, OrderedDict(), OrderedDict(), 0
+        self.size, self.entries, self.misses = size, OrderedDict(), 0
 
-    def _keep(self, table: OrderedDict, key, value) -> None:
-        table[key] = value
-        while len(table) > self.size:
-            table.popitem(last=False)
 
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
         """Yield (indices, token ids of those texts): everything at once when cached, else chunks of up to
@@ -89,10 +93,7 @@ class TokenCache:
             yield np.arange(len(texts)), self.entries[key][1]
             return
         self.misses += 1
-        # entries hold their tokenizer, so that its id is not reused by another one while they are kept
-        if self.backends.get((id(tokenizer), max_length), (None,))[0] is not tokenizer:
-            self._keep(self.backends, (id(tokenizer), max_length), (tokenizer, rust_tokenizer(tokenizer, max_length)))
-        backend = self.backends[(id(tokenizer), max_length)][1]
+        backend = rust_tokenizer(tokenizer, max_length)
 
         def tokenize(idx: np.ndarray) -> list[list[int]]:
             batch = [texts[i] for i in idx]
@@ -113,7 +114,9 @@ class TokenCache:
                 for i, x in zip(idx, part):
                     ids[i] = x
                 yield idx, part
-        self._keep(self.entries, key, (tokenizer, ids))
+        self.entries[key] = (tokenizer, ids)  # entries hold their tokenizer, so that its id is not reused meanwhile
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
 
 TOKEN_CACHE = TokenCache()
