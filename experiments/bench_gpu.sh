@@ -2,20 +2,23 @@
 # Issue 7 on one GPU, in one go: corpus encoding (token budget or fixed batches, autocast or a bf16 copy of the
 # weights), training with and without gradient caching, and how much GPU memory BM25's JAX import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
-# root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median).
+# root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
+# DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
 set -uo pipefail
 MODEL=${MODEL:-packaged:minilm}
 REPEAT=${REPEAT:-5}
+DOCS=${DOCS:-0}
+SIZES=${SIZES:-512 2048 8192}
 encode() {
-    echo "== python experiments/bench_encode.py --docs 0 --repeat $REPEAT $*"
-    python experiments/bench_encode.py --model "$MODEL" --docs 0 --repeat "$REPEAT" "$@" 2>&1 | grep -v "^Loading"
+    echo "== python experiments/bench_encode.py --docs $DOCS --repeat $REPEAT $*"
+    python experiments/bench_encode.py --model "$MODEL" --docs "$DOCS" --repeat "$REPEAT" "$@" 2>&1 | grep -v "Loading weights"
 }
 encode --token-budget 262144
 encode --token-budget 262144 --dtype bfloat16
 encode
 encode --dtype bfloat16
-echo "== python experiments/bench_train.py --sizes 512 2048 8192 --chunk 1024 --steps 2"
-python experiments/bench_train.py --model "$MODEL" --sizes 512 2048 8192 --chunk 1024 --steps 2 2>&1 | grep -v "^Loading"
+echo "== python experiments/bench_train.py --sizes $SIZES --chunk 1024 --steps 2"
+python experiments/bench_train.py --model "$MODEL" --sizes $SIZES --chunk 1024 --steps 2 2>&1 | grep -v "Loading weights"
 echo "== GPU memory free before and after a BM25 search (bm25s imports JAX, which must stay on the CPU)"
 python - <<'PY'
 import torch
@@ -23,7 +26,10 @@ import torch
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.retrieval.bm25 import BM25Retriever
 
-free = lambda: torch.cuda.mem_get_info()[0] / 2**30
+def free() -> float:
+    return torch.cuda.mem_get_info()[0] / 2**30 if torch.cuda.is_available() else float("nan")
+
+
 before = free()
 test = BeirDataset("data/scifact").split("test")
 BM25Retriever().retrieve(test.corpus, test.queries, 100)
