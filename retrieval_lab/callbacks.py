@@ -40,7 +40,7 @@ class RetrievalValidation(L.Callback):
         self.every_n_steps = every_n_steps
 
     def validate(self, pl_module: L.LightningModule) -> dict:
-        retriever = pl_module.retriever(self.batch_size, self.index, progress=False)
+        retriever = pl_module.retriever(self.batch_size, self.index, progress=False, shard=True)  # DDP: corpus shared out
         run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
         return {f"val/{name}": value for name, value in evaluate_run(self.dev.qrels, run, self.metrics).items()}
 

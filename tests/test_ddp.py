@@ -1,5 +1,6 @@
 """Under DDP (2 CPU processes, gloo): MoCo enqueues the keys of every process, so all queues agree; the
-bi-encoder scores against every process's documents, with the loss and gradients of one process."""
+bi-encoder scores against every process's documents, with the loss and gradients of one process; validation
+shares the corpus out; the train entry point writes one set of outputs."""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,3 +99,33 @@ def test_first_process_is_known_from_the_launchers_environment(env, first, monke
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert is_first_process() is first
+
+
+def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(tiny_model, beir_folder, tmp_path):
+    """Under DDP each process encodes half of the corpus and the halves are all-gathered: every process gets the
+    ranking (documents and scores) of one process encoding everything."""
+    import json
+    import socket
+
+    from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.retrieval.dense import DenseRetriever
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = Path(__file__).with_name("ddp_retrieval_script.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(tmp_path), port],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    split = BeirDataset(beir_folder).split("test")
+    corpus = dict(list(split.corpus.items())[:59])
+    expected = DenseRetriever(Encoder(tiny_model), batch_size=8, progress=False, shard=True).retrieve(
+        corpus, split.queries, 10)  # no process group: the whole corpus here
+    for rank, share in ((0, 30), (1, 29)):
+        saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        run = saved["run"]
+        assert saved["docs_encoded"] == [share] and run.keys() == expected.keys()
+        for qid, ranking in expected.items():
+            assert list(run[qid]) == list(ranking)
+            assert np.allclose(list(run[qid].values()), list(ranking.values()), atol=1e-5)

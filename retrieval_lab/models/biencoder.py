@@ -42,9 +42,11 @@ class BiEncoderModule(L.LightningModule):
     uses_towers = True
     pair_tokenizer = None
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True):
-        """What validation and the test evaluation retrieve with: a faiss index of this encoder's embeddings."""
-        return DenseRetriever(self.encoder, batch_size, index, device, progress)
+    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
+                  shard: bool = False):
+        """What validation and the test evaluation retrieve with: a faiss index of this encoder's embeddings
+        (``shard``: under DDP, each process encodes a share of the corpus)."""
+        return DenseRetriever(self.encoder, batch_size, index, device, progress, shard=shard)
 
     # ---- a training step = towers (inputs that carry gradient, and how each is embedded) + a loss on them ----
     def towers(self, batch: dict) -> list[tuple]:

@@ -103,8 +103,10 @@ class CrossEncoderModule(BiEncoderModule):
     def pair_tokenizer(self):
         return self.encoder.tokenizer, self.encoder.max_length
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True):
-        """Validation and test evaluation re-rank BM25's top ``rerank_depth``."""
+    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
+                  shard: bool = False):
+        """Validation and test evaluation re-rank BM25's top ``rerank_depth`` (whole on every process: ``shard``
+        is ignored)."""
         from retrieval_lab.retrieval.bm25 import BM25Retriever
         from retrieval_lab.retrieval.rerank import Reranker
 

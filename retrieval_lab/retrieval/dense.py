@@ -247,13 +247,36 @@ def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch
     return faiss_index
 
 
+def gather_shards(rows: np.ndarray, total: int, device: str | torch.device | None = None) -> np.ndarray:
+    """All-gather the rows of every process (process r holds items r, r + world, r + 2 world, ... of ``total``),
+    in process order: process 0's rows, then process 1's, ..."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    local = torch.zeros(-(-total // world), rows.shape[1], device=device)  # equal sizes for all_gather: padded
+    local[:len(rows)] = torch.from_numpy(rows).to(local.device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return np.concatenate([part[:len(range(r, total, world))].cpu().numpy() for r, part in enumerate(parts)])
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class DenseRetriever:
-    """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one."""
+    """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one.
+    ``shard``: under torch.distributed (validation during DDP training), each process encodes its share of the
+    corpus and the shares are all-gathered, so every process must call :meth:`retrieve` at the same time."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
-                 progress: bool = True, token_budget: int | None = None, dtype: str = "auto"):
+                 progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
-        self.token_budget, self.dtype = token_budget, dtype
+        self.token_budget, self.dtype, self.shard = token_budget, dtype, shard
         device = pick_device(device)
         if device is not None:
             self.encoder.to(device)
@@ -261,9 +284,13 @@ class DenseRetriever:
 
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
-        doc_emb = encode_texts(self.encoder, [corpus[d].full_text for d in doc_ids], "doc", self.batch_size,
-                               self.device, self.progress, desc="encode corpus", token_budget=self.token_budget,
-                               dtype=self.dtype)
+        rank, world = distributed_rank_world() if self.shard else (0, 1)
+        doc_emb = encode_texts(self.encoder, [corpus[d].full_text for d in doc_ids[rank::world]], "doc",
+                               self.batch_size, self.device, self.progress, desc="encode corpus",
+                               token_budget=self.token_budget, dtype=self.dtype)
+        if world > 1:
+            doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device)
+            doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         query_emb = encode_texts(self.encoder, [queries[q] for q in qids], "query", self.batch_size, self.device,
                                  self.progress, desc="encode queries", token_budget=self.token_budget, dtype=self.dtype)
         index = build_index(doc_emb, self.index, self.device)
