@@ -18,7 +18,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import read_negatives, write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.negatives import score_negatives
-from retrieval_lab.retrieval.dense import pick_device
+from retrieval_lab.retrieval.encoding import pick_device
 
 
 def score(cfg: DictConfig) -> Path:

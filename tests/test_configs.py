@@ -1,7 +1,6 @@
 """Every config option composes; impossible settings are refused with one sentence."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -13,7 +13,7 @@ from conftest import run_module
 @pytest.fixture(scope="module")
 def train_run(tiny_model, beir_folder, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("train_run")
-    result = run_module("retrieval_lab.train", f"data=beir", f"data.path={beir_folder}",
+    result = run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}",
                         f"model.name_or_path={tiny_model}", "batch_size=8", "trainer.max_epochs=2",
                         "optim.lr=1e-3", "eval.batch_size=16", "validation.corpus_sample=30",
                         "validation.every_n_steps=3", "trainer.log_every_n_steps=1",

@@ -145,7 +145,7 @@ def balanced_pair(pairs: list[tuple[str, str, float]], bins: int, rng: random.Ra
 
 def tas_batch_sampler(train_set, encoder, clusters: int, clusters_per_batch: int, batch_size: int, seed: int):
     """Cluster the training queries with ``encoder`` (the model about to be trained) and compose batches by cluster."""
-    from retrieval_lab.retrieval.dense import encode_texts
+    from retrieval_lab.retrieval.encoding import encode_texts
 
     texts = [train_set.dataset.queries[q] for q in train_set.qids]
     embeddings = encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters")

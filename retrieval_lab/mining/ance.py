@@ -17,9 +17,7 @@ import threading
 import time
 
 import lightning as L
-import torch
 
-from retrieval_lab.data.negatives import QueryNegatives
 from retrieval_lab.mining.negatives import mine_negatives
 from retrieval_lab.retrieval.dense import DenseRetriever
 

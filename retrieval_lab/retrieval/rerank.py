@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.dense import pick_device
+from retrieval_lab.retrieval.encoding import pick_device
 
 
 class Reranker:

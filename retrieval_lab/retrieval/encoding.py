@@ -1,0 +1,210 @@
+"""Encoding many texts with an encoder, fast: each text tokenised once (by the Rust tokenizer, in a background
+thread, from a prefix when that gives the same ids) and cached, length-sorted batches under a token budget,
+bf16 on a GPU, no synchronisation per batch."""
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from retrieval_lab.errors import ConfigError
+
+
+def pick_device(device: str | None) -> str | None:
+    """``auto``: the GPU when there is one, else the CPU; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def rust_tokenizer(tokenizer, max_length: int):
+    """A private copy of a fast tokenizer's Rust backend that truncates to ``max_length`` and adds the special
+    tokens, or None for a tokenizer without one (then the tokenizer's own call is used). Made once per tokenizer
+    and length (a copy takes ~20 ms), and kept while the tokenizer lives."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    copies = BACKENDS.setdefault(tokenizer, {})
+    if max_length not in copies:
+        from tokenizers import Tokenizer
+
+        copy = Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.enable_truncation(max_length)  # keeps the first tokens, whatever the tokenizer's truncation side
+        copies[max_length] = copy
+    return copies[max_length]
+
+
+BACKENDS = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: its Rust backend copy}
+
+
+# pre-tokenizers that split words at spaces: a text cut just before a space begins with the whole text's tokens
+SPLITS_AT_SPACES = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+CHARS_PER_TOKEN = 6  # text cut at max_length * this many characters first; few texts need their whole text after
+
+
+def cut_at_space(text: str, limit: int) -> str:
+    """``text`` cut before its last space within ``limit`` characters (unchanged when short or without a space)."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(" ", 0, limit + 1)
+    return text[:end].rstrip() if end > 0 else text
+
+
+def tokenize_ids(backend, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of ``texts`` truncated to ``max_length``, from a :func:`rust_tokenizer` backend. Truncation keeps
+    the first tokens, so for tokenizers that split at spaces only a prefix of each long text is tokenised: the
+    text cut at a space after ``CHARS_PER_TOKEN * max_length`` characters. A cut text that still fills
+    ``max_length`` tokens has the whole text's first tokens; the others are tokenised again in full."""
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
+    if type(backend.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
+        return [enc.ids for enc in encode(texts)]
+    cut = [cut_at_space(text, CHARS_PER_TOKEN * max_length) for text in texts]
+    ids = [enc.ids for enc in encode(cut)]
+    short = [i for i, (text, x) in enumerate(zip(texts, ids)) if len(x) < max_length and len(cut[i]) < len(text)]
+    for i, enc in zip(short, encode([texts[i] for i in short]) if short else []):
+        ids[i] = enc.ids
+    return ids
+
+
+class TokenCache:
+    """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
+    once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
+    chunks already done), and every later encoding of the same texts (each validation, each ANCE refresh, the
+    final evaluation) only pads and runs the model. Keyed by the tokenizer, the maximum length and the texts
+    themselves; holds the ``size`` newest entries."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries, self.misses = size, OrderedDict(), 0
+
+
+    def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
+        """Yield (indices, token ids of those texts): everything at once when cached, else chunks of up to
+        ``chunk`` texts (the first ones smaller), longest (in characters) first, each tokenised while the caller
+        works on the previous one."""
+        key = (id(tokenizer), max_length, len(texts), hash(tuple(texts)))
+        if key in self.entries and self.entries[key][0] is tokenizer:
+            self.entries.move_to_end(key)
+            yield np.arange(len(texts)), self.entries[key][1]
+            return
+        self.misses += 1
+        backend = rust_tokenizer(tokenizer, max_length)
+
+        def tokenize(idx: np.ndarray) -> list[list[int]]:
+            batch = [texts[i] for i in idx]
+            if backend is None:
+                return tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]
+            return tokenize_ids(backend, batch, max_length)
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks, start, size = [], 0, max(1, chunk // 8)  # a small first chunk, so that the GPU starts early
+        while start < len(order):
+            chunks.append(order[start:start + size])
+            start, size = start + size, min(chunk, 2 * size)
+        ids = [None] * len(texts)
+        with ThreadPoolExecutor(1) as pool:  # the Rust tokenizer releases the GIL and uses every core itself
+            futures = [pool.submit(tokenize, idx) for idx in chunks]
+            for idx, future in zip(chunks, futures):
+                part = future.result()
+                for i, x in zip(idx, part):
+                    ids[i] = x
+                yield idx, part
+        self.entries[key] = (tokenizer, ids)  # entries hold their tokenizer, so that its id is not reused meanwhile
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+TOKEN_CACHE = TokenCache()
+
+
+def token_batches(lengths: list[int], batch_size: int, token_budget: int | None) -> list[np.ndarray]:
+    """Indices grouped longest first: ``batch_size`` texts a batch or, with ``token_budget``, as many as fit in
+    that many tokens once padded (short texts travel in larger batches)."""
+    order = np.argsort(lengths, kind="stable")[::-1]
+    batches, start = [], 0
+    while start < len(order):  # sorted: the first text of a batch is its longest
+        size = max(1, token_budget // max(1, lengths[order[start]])) if token_budget else batch_size
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids and attention mask, built in numpy (the tokenizer's own ``pad`` is far slower)."""
+    width = max(len(x) for x in ids)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def with_dtype(encoder, dtype: torch.dtype | None):
+    """``encoder`` itself when its weights are already ``dtype`` (or ``dtype`` is None), else a copy with weights
+    in ``dtype`` that shares its tokenizer (the training weights stay as they are)."""
+    if dtype is None or next(encoder.parameters()).dtype == dtype:
+        return encoder
+    return copy.deepcopy(encoder, memo={id(encoder.tokenizer): encoder.tokenizer}).to(dtype)
+
+
+@torch.inference_mode()
+def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
+                 progress: bool = True, desc: str | None = None, token_budget: int | None = None,
+                 cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
+                 dtype: torch.dtype | str | None = "auto") -> np.ndarray:
+    """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
+    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
+    ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
+    of the encoder with its weights in that type, without autocast. On a GPU batches are copied asynchronously,
+    and embeddings wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while
+    the GPU runs (no synchronisation per batch)."""
+    device = torch.device(device) if device else next(encoder.parameters()).device
+    autocast = dtype == "auto" and device.type == "cuda"
+    if dtype == "auto":
+        dtype = None
+    elif isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"retriever.dtype must be 'auto' or one of {', '.join(DTYPES)}, got '{dtype}'.")
+        dtype = DTYPES[dtype]
+    model = with_dtype(encoder, dtype)
+    max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
+    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    cuda = device.type == "cuda"
+    pad_id = encoder.tokenizer.pad_token_id or 0
+    pending_rows, pending = [], []  # embeddings still on the device, and the rows of ``out`` they go to
+
+    def flush() -> None:
+        if pending:
+            out[np.concatenate(pending_rows)] = torch.cat(pending).float().cpu().numpy()
+            pending_rows.clear()
+            pending.clear()
+
+    was_training = encoder.training
+    model.eval()
+    try:
+        bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
+        for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length):
+            for rows in token_batches([len(x) for x in ids], batch_size, token_budget):
+                inputs = pad_batch([ids[r] for r in rows], pad_id)
+                if cuda:
+                    inputs = {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    pending.append(model.encode_queries(inputs) if side == "query" else model.encode_docs(inputs))
+                pending_rows.append(chunk[rows])
+                if sum(len(r) for r in pending_rows) >= flush_rows:
+                    flush()
+                bar.update(len(rows))
+        flush()
+        bar.close()
+    finally:
+        encoder.train(was_training)
+    return out

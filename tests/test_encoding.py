@@ -1,0 +1,122 @@
+"""Encoding: input order despite length sorting, the token cache and token budgets, prefix tokenisation, bf16
+copies, the tokenizer backend copies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.encoder import Encoder
+from retrieval_lab.retrieval.encoding import encode_texts
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    return Encoder(str(tiny_model))
+
+
+def test_encoding_keeps_input_order_despite_length_sorting(encoder):
+    texts = ["short", "a much longer text about proteins and cancer", "mid length text"]
+    batched = encode_texts(encoder, texts, "doc", batch_size=2, progress=False)
+    with torch.no_grad():
+        encoder.eval()  # encode_texts switches dropout off by itself
+        one_by_one = np.stack([encoder.encode_docs(encoder.tokenize([t], "doc"))[0].numpy() for t in texts])
+    encoder.train()
+    assert np.allclose(batched, one_by_one, atol=1e-5)
+    # embeddings copied back after every batch instead of at the end: the same result
+    assert np.array_equal(encode_texts(encoder, texts, "doc", batch_size=2, progress=False, flush_rows=1), batched)
+
+
+def test_token_cache_and_token_budget_batches(tiny_model):
+    """Texts are tokenised once and reused; token-budget batches give the embeddings of one-by-one encoding."""
+    from retrieval_lab.retrieval.encoding import TokenCache, token_batches
+
+    encoder = Encoder(tiny_model, doc_max_length=32)
+    texts = ["a protein study of cancer cells in the liver"] * 3 + ["gene", "virus and vaccine", "x " * 40]
+    cache = TokenCache()
+    cached = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, token_budget=40, cache=cache)
+    again = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, cache=cache)
+    assert cache.misses == 1
+    one_by_one = np.stack([encode_texts(encoder, [t], "doc", progress=False, cache=None)[0] for t in texts])
+    assert (np.sum(cached * one_by_one, axis=1) > 0.9999).all() and np.allclose(cached, again, atol=1e-5)
+    # the Rust backend, chunk by chunk, gives the tokenizer's own ids, longest texts first, every text once
+    expected = encoder.tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    chunks = list(TokenCache().stream(encoder.tokenizer, texts, 32, chunk=4))
+    assert [len(idx) for idx, _ in chunks] == [1, 2, 3] and chunks[0][0][0] == 5  # chunks grow to at most 4
+    assert [len(idx) for idx, _ in TokenCache().stream(encoder.tokenizer, texts * 5, 32, chunk=8)] == [1, 2, 4, 8, 8, 7]
+    assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == dict(enumerate(expected))
+    lengths = [30, 2, 12, 7, 30, 1]
+    batches = token_batches(lengths, batch_size=8, token_budget=40)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in batches if len(b) > 1)
+    assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
+
+
+def _trained_tokenizer(pre_tokenizer):
+    """A small BPE tokenizer trained here, with the given pre-tokenizer, wrapped like a Hugging Face fast one."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["protein", "cancer", "virus", "immunohistochemistry", "cell", "a", "of", "the", "and"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.train_from_iterator([" ".join(words[(i * 7 + j) % 9] for j in range(30)) for i in range(50)],
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_model):
+    """Long texts are tokenised from a prefix cut at a space; the ids equal those of the whole text, truncated,
+    for BERT word pieces, byte-level and metaspace BPE, also where the prefix falls short (long words)."""
+    from tokenizers import pre_tokenizers
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import encoding
+
+    rng = np.random.default_rng(0)
+    words = ["protein", "cancer", "virus", "immunohistochemistry" * 3, "cell", "a", "of", "the", "and", ",", "."]
+    texts = [" ".join(rng.choice(words, size=n)) for n in (1, 5, 40, 80, 300, 600)]
+    texts += ["  ".join(["immunohistochemistry" * 4] * 40), "x" * 500, "word " * 100 + "   ", "  lead  " * 90]
+    max_length = 24
+    for tokenizer in (load_tokenizer(str(tiny_model)), _trained_tokenizer(pre_tokenizers.ByteLevel()),
+                      _trained_tokenizer(pre_tokenizers.Metaspace())):
+        backend = encoding.rust_tokenizer(tokenizer, max_length)
+        assert type(backend.pre_tokenizer).__name__ in encoding.SPLITS_AT_SPACES
+        full = [enc.ids for enc in backend.encode_batch(texts)]
+        assert any(len(encoding.cut_at_space(t, encoding.CHARS_PER_TOKEN * max_length)) < len(t) for t in texts)
+        assert encoding.tokenize_ids(backend, texts, max_length) == full
+        assert encoding.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
+                                                                            max_length=max_length)["input_ids"]
+    assert encoding.cut_at_space("ab cd  ef gh", 8) == "ab cd" and encoding.cut_at_space("abcdefgh", 3) == "abcdefgh"
+
+
+def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
+    """``dtype``: a bf16 copy of the weights encodes; the encoder keeps its float32 weights."""
+    encoder = Encoder(tiny_model)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    texts = ["a protein study of cancer cells", "gene", "virus and vaccine " * 10]
+    exact = encode_texts(encoder, texts, "doc", progress=False, cache=None)
+    half = encode_texts(encoder, texts, "doc", progress=False, cache=None, dtype="bfloat16")
+    assert half.dtype == np.float32 and not np.array_equal(half, exact)  # bf16 arithmetic did run
+    assert (np.sum(half * exact, axis=1) > 0.99).all()
+    assert encoder.training and all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert next(encoder.parameters()).dtype == torch.float32
+    with pytest.raises(ConfigError, match="retriever.dtype"):
+        encode_texts(encoder, texts, "doc", progress=False, dtype="fp8")
+
+
+def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_model):
+    import gc
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import encoding
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    backend = encoding.rust_tokenizer(tokenizer, 16)
+    assert encoding.rust_tokenizer(tokenizer, 16) is backend and encoding.rust_tokenizer(tokenizer, 32) is not backend
+    assert backend is not tokenizer.backend_tokenizer and len(backend.encode("word " * 40).ids) == 16
+    count = len(encoding.BACKENDS)
+    del tokenizer
+    gc.collect()
+    assert len(encoding.BACKENDS) == count - 1
