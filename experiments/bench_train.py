@@ -3,8 +3,10 @@ measured in the same run.
 
     python experiments/bench_train.py [--sizes 512 2048 8192] [--chunk 256] [--max-length 128] [--steps 3]
 
-For each batch size: query-document pairs per second, model FLOP utilisation (6 x parameters x tokens for a
-plain step, 8 x for a cached one, which runs the forward twice, against --peak-tflops) and peak GPU memory.
+For each batch size: query-document pairs per second, model FLOP utilisation and peak GPU memory. Model FLOPs
+of a plain step (forward + backward = 3 forwards) are 3 x (2 x non-embedding weights x tokens + 4 x layers x
+hidden size x the sum of squared sequence lengths, for attention), as in the PaLM paper's appendix; a cached step
+runs the forward twice, so 4 x. MFU divides by --peak-tflops.
 The baseline is the plain (uncached) step at the largest of the sizes that fits in memory; every cached size
 prints its pairs/s ratio against it. On a CPU it runs, but the memory column and MFU mean little.
 """
@@ -31,6 +33,16 @@ def crop_batch(texts: list[str], size: int, length: int, rng: random.Random) -> 
         examples.append({"qid": str(i), "query": " ".join(words[a:a + length // 2]), "doc_ids": [str(i)],
                          "docs": [" ".join(words[b:b + length // 2])], "positives": {str(i)}})
     return examples
+
+
+def model_flops(encoder: Encoder, batch: dict, forwards: int) -> float:
+    """FLOPs of ``forwards`` forward passes' worth of work on ``batch``: the products with the weight matrices
+    outside the embeddings, and attention (scores and weighted values), counted on the unpadded lengths."""
+    config = encoder.query_model.config
+    params = sum(p.numel() for name, p in encoder.named_parameters() if ".embeddings." not in name and p.dim() == 2)
+    lengths = torch.cat([batch["query"]["attention_mask"].sum(1), batch["docs"]["attention_mask"].sum(1)]).double()
+    forward = 2 * params * lengths.sum() + 4 * config.num_hidden_layers * config.hidden_size * (lengths ** 2).sum()
+    return forwards * float(forward)
 
 
 def run(module: BiEncoderModule, batch: dict, optimizer, steps: int, device) -> tuple[float, float]:
@@ -69,13 +81,13 @@ def main() -> None:
     module = BiEncoderModule(encoder, InfoNCELoss(0.05)).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     params = sum(p.numel() for p in encoder.parameters())
+    embedding = sum(p.numel() for name, p in encoder.named_parameters() if ".embeddings." in name)
     collate = GroupCollator(encoder.tokenizer, args.max_length, args.max_length)
     rng = random.Random(0)
     rows, baseline = [], None
     for size in sorted(args.sizes):
         batch = collate(crop_batch(texts, size, args.max_length, rng))
         batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-        tokens = int(batch["query"]["attention_mask"].sum() + batch["docs"]["attention_mask"].sum())
         for chunk in (None, args.chunk):
             module.grad_cache_chunk = chunk
             try:
@@ -86,12 +98,13 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 rows.append((size, chunk, None, None, None))
                 continue
-            flops = (8 if chunk else 6) * params * tokens / seconds
+            flops = model_flops(encoder, batch, 4 if chunk else 3) / seconds
             rows.append((size, chunk, size / seconds, flops / (args.peak_tflops * 1e12), peak))
             if chunk is None:
                 baseline = (size, size / seconds)
-    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; MiniLM ({params / 1e6:.1f}M "
-          f"parameters), cropping pairs of up to {args.max_length} tokens")
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.model} "
+          f"({params / 1e6:.1f}M parameters, {embedding / 1e6:.1f}M of them embeddings), cropping pairs of up to "
+          f"{args.max_length} tokens")
     print("| batch | grad cache chunk | pairs/s | MFU | peak GiB | pairs/s vs plain at the largest batch that fits |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size, chunk, rate, mfu, peak in rows:
