@@ -89,6 +89,12 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
         assert encoding.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
                                                                             max_length=max_length)["input_ids"]
     assert encoding.cut_at_space("ab cd  ef gh", 8) == "ab cd" and encoding.cut_at_space("abcdefgh", 3) == "abcdefgh"
+    # a tokenizer that keeps the last tokens: whole texts, truncated on its side
+    left = load_tokenizer(str(tiny_model))
+    left.truncation_side = "left"
+    expected = left(texts, truncation=True, max_length=max_length)["input_ids"]
+    assert expected != load_tokenizer(str(tiny_model))(texts, truncation=True, max_length=max_length)["input_ids"]
+    assert encoding.tokenize_ids(encoding.rust_tokenizer(left, max_length), texts, max_length) == expected
 
 
 def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):

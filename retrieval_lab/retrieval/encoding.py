@@ -35,7 +35,7 @@ def rust_tokenizer(tokenizer, max_length: int):
 
         copy = Tokenizer.from_str(backend.to_str())
         copy.no_padding()
-        copy.enable_truncation(max_length)  # keeps the first tokens, whatever the tokenizer's truncation side
+        copy.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
         copies[max_length] = copy
     return copies[max_length]
 
@@ -57,12 +57,13 @@ def cut_at_space(text: str, limit: int) -> str:
 
 
 def tokenize_ids(backend, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids of ``texts`` truncated to ``max_length``, from a :func:`rust_tokenizer` backend. Truncation keeps
-    the first tokens, so for tokenizers that split at spaces only a prefix of each long text is tokenised: the
+    """Token ids of ``texts`` truncated to ``max_length``, from a :func:`rust_tokenizer` backend. Where truncation
+    keeps the first tokens and the tokenizer splits at spaces, only a prefix of each long text is tokenised: the
     text cut at a space after ``CHARS_PER_TOKEN * max_length`` characters. A cut text that still fills
     ``max_length`` tokens has the whole text's first tokens; the others are tokenised again in full."""
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # fast: no character offsets
-    if type(backend.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
+    keeps_first = backend.truncation is not None and backend.truncation["direction"] == "right"
+    if not keeps_first or type(backend.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
         return [enc.ids for enc in encode(texts)]
     cut = [cut_at_space(text, CHARS_PER_TOKEN * max_length) for text in texts]
     ids = [enc.ids for enc in encode(cut)]
