@@ -14,6 +14,7 @@ encode() {
     python experiments/bench_encode.py --model "$MODEL" --docs "$DOCS" --repeat "$REPEAT" "$@" 2>&1 | grep -v "Loading weights"
 }
 encode --token-budget 262144
+encode --token-budget 262144 --plain-batch-size 128   # the plain baseline of the first H100 figures
 encode --token-budget 262144 --dtype bfloat16
 encode
 encode --dtype bfloat16
