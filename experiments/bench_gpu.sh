@@ -16,6 +16,7 @@ encode() {
 encode --token-budget 262144
 encode --token-budget 262144 --plain-batch-size 128   # the plain baseline of the first H100 figures
 encode --token-budget 262144 --dtype bfloat16
+encode --token-budget 262144 --compile                # torch.compile (compiled in the untimed warm-up)
 encode
 encode --dtype bfloat16
 echo "== python experiments/bench_train.py --sizes $SIZES --chunk 1024 --steps 2"

@@ -126,3 +126,19 @@ def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_mode
     del tokenizer
     gc.collect()
     assert len(encoding.BACKENDS) == count - 1
+
+
+def test_compiled_encoding_equals_the_plain_one_and_leaves_the_encoder_alone(tiny_model):
+    """``compile``: the towers run through torch.compile (the ``eager`` backend here: dynamo's graph capture without
+    code generation, so the test stays fast); one compilation serves batches of every shape."""
+    from retrieval_lab.retrieval import encoding
+
+    encoder = Encoder(tiny_model, doc_max_length=32)
+    texts = ["protein cancer study " * (i % 7 + 1) for i in range(20)]
+    plain = encode_texts(encoder, texts, "doc", batch_size=4, progress=False, cache=None)
+    compiled = encode_texts(encoder, texts, "doc", batch_size=4, progress=False, cache=None, compile="eager")
+    assert np.allclose(compiled, plain, atol=1e-6) and encoder in encoding.COMPILED  # compiled by encode_texts
+    view = encoding.compiled(encoder, "eager")
+    assert view is encoding.compiled(encoder, "eager") and view.query_model is not encoder.query_model
+    assert type(encoder.query_model).__name__ == "BertModel" and encoder.training
+    assert view.query_model._orig_mod is encoder.query_model  # the same weights

@@ -74,9 +74,10 @@ class DenseRetriever:
     corpus and the shares are all-gathered, so every process must call :meth:`retrieve` at the same time."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
-                 progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False):
+                 progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
+                 compile: bool | str = False):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
-        self.token_budget, self.dtype, self.shard = token_budget, dtype, shard
+        self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         device = pick_device(device)
         if device is not None:
             self.encoder.to(device)
@@ -87,12 +88,13 @@ class DenseRetriever:
         rank, world = distributed_rank_world() if self.shard else (0, 1)
         doc_emb = encode_texts(self.encoder, [corpus[d].full_text for d in doc_ids[rank::world]], "doc",
                                self.batch_size, self.device, self.progress, desc="encode corpus",
-                               token_budget=self.token_budget, dtype=self.dtype)
+                               token_budget=self.token_budget, dtype=self.dtype, compile=self.compile)
         if world > 1:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         query_emb = encode_texts(self.encoder, [queries[q] for q in qids], "query", self.batch_size, self.device,
-                                 self.progress, desc="encode queries", token_budget=self.token_budget, dtype=self.dtype)
+                                 self.progress, desc="encode queries", token_budget=self.token_budget, dtype=self.dtype,
+                                 compile=self.compile)
         index = build_index(doc_emb, self.index, self.device)
         scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}

@@ -157,15 +157,34 @@ def with_dtype(encoder, dtype: torch.dtype | None):
     return copy.deepcopy(encoder, memo={id(encoder.tokenizer): encoder.tokenizer}).to(dtype)
 
 
+COMPILED = weakref.WeakKeyDictionary()  # encoder -> (torch.compile backend, its compiled view)
+
+
+def compiled(encoder, backend: str = "inductor"):
+    """A view of ``encoder`` (sharing its weights) whose towers run through ``torch.compile`` with dynamic shapes,
+    so batches of every size and length reuse one compilation. Made once per encoder and kept while it lives."""
+    cached = COMPILED.get(encoder)
+    if cached is None or cached[0] != backend:
+        view = copy.copy(encoder)
+        view._modules = dict(encoder._modules)  # the view's own module table: the encoder keeps its plain towers
+        view.query_model = torch.compile(encoder.query_model, dynamic=True, backend=backend)
+        if getattr(encoder, "doc_model", None) is not None:
+            view.doc_model = torch.compile(encoder.doc_model, dynamic=True, backend=backend)
+        COMPILED[encoder] = cached = (backend, view)
+    return cached[1]
+
+
 @torch.inference_mode()
 def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
                  cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
-                 dtype: torch.dtype | str | None = "auto") -> np.ndarray:
+                 dtype: torch.dtype | str | None = "auto", compile: bool | str = False) -> np.ndarray:
     """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
     and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
     ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
-    of the encoder with its weights in that type, without autocast. On a GPU batches are copied asynchronously,
+    of the encoder with its weights in that type, without autocast. ``compile``: run the towers through
+    ``torch.compile`` (True: inductor; or a backend's name); the first call compiles, which pays off only on
+    large corpora, and a dtype copy is compiled anew at each call. On a GPU batches are copied asynchronously,
     and embeddings wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while
     the GPU runs (no synchronisation per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
@@ -177,6 +196,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
             raise ConfigError(f"retriever.dtype must be 'auto' or one of {', '.join(DTYPES)}, got '{dtype}'.")
         dtype = DTYPES[dtype]
     model = with_dtype(encoder, dtype)
+    if compile:
+        model = compiled(model, "inductor" if compile is True else compile)
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
     out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
     cuda = device.type == "cuda"
