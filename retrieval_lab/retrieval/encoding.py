@@ -162,7 +162,8 @@ COMPILED = weakref.WeakKeyDictionary()  # encoder -> (torch.compile backend, its
 
 def compiled(encoder, backend: str = "inductor"):
     """A view of ``encoder`` (sharing its weights) whose towers run through ``torch.compile`` with dynamic shapes,
-    so batches of every size and length reuse one compilation. Made once per encoder and kept while it lives."""
+    so batches of every size and length reuse one compilation (except a batch of one text: torch specialises size
+    1 and compiles once more). Made once per encoder and kept while it lives."""
     cached = COMPILED.get(encoder)
     if cached is None or cached[0] != backend:
         view = copy.copy(encoder)
