@@ -22,6 +22,9 @@ def pick_device(device: str | None) -> str | None:
     return device
 
 
+BACKENDS = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: its Rust backend copy}
+
+
 def rust_tokenizer(tokenizer, max_length: int):
     """A private copy of a fast tokenizer's Rust backend that truncates to ``max_length`` and adds the special
     tokens, or None for a tokenizer without one (then the tokenizer's own call is used). Made once per tokenizer
@@ -33,14 +36,11 @@ def rust_tokenizer(tokenizer, max_length: int):
     if max_length not in copies:
         from tokenizers import Tokenizer
 
-        copy = Tokenizer.from_str(backend.to_str())
-        copy.no_padding()
-        copy.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
-        copies[max_length] = copy
+        private = Tokenizer.from_str(backend.to_str())
+        private.no_padding()
+        private.enable_truncation(max_length, direction=getattr(tokenizer, "truncation_side", "right"))
+        copies[max_length] = private
     return copies[max_length]
-
-
-BACKENDS = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: its Rust backend copy}
 
 
 # pre-tokenizers that split words at spaces: a text cut just before a space begins with the whole text's tokens
@@ -82,7 +82,6 @@ class TokenCache:
 
     def __init__(self, size: int = 4):
         self.size, self.entries, self.misses = size, OrderedDict(), 0
-
 
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
         """Yield (indices, token ids of those texts): everything at once when cached, else chunks of up to
