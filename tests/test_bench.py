@@ -25,3 +25,35 @@ def test_model_flops_equal_what_torch_counts(tiny_model):
         encoder.encode_docs(batch["docs"])
     assert model_flops(encoder, batch, 1) == counter.get_total_flops()
     assert model_flops(encoder, batch, 3) == 3 * counter.get_total_flops()
+
+
+def _run_script(name: str, *args: str) -> str:
+    import os
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_bench_encode_runs_and_both_paths_rank_alike(tiny_model, beir_folder):
+    """The encoding benchmark on the toy corpus: ratios printed, and (float32 on a CPU) our embeddings and nDCG@10
+    are the plain loop's."""
+    import re
+
+    out = _run_script("bench_encode.py", "--data", str(beir_folder), "--model", str(tiny_model), "--docs", "0",
+                      "--repeat", "1", "--max-length", "32", "--token-budget", "256")
+    assert "end to end" in out and "tokenised cache" in out and out.count("ratio") == 2
+    assert float(re.search(r"min cosine .*: ([\d.]+)", out).group(1)) >= 0.9999
+    plain, ours = map(float, re.search(r"plain ([\d.]+), ours ([\d.]+)", out).groups())
+    assert abs(plain - ours) < 1e-4
+
+
+def test_bench_train_runs_with_and_without_caching(tiny_model, beir_folder):
+    out = _run_script("bench_train.py", "--data", str(beir_folder), "--model", str(tiny_model), "--sizes", "4", "8",
+                      "--chunk", "2", "--steps", "1", "--max-length", "16")
+    rows = [line for line in out.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
+    assert len(rows) == 4 and all("out of memory" not in row for row in rows)
+    assert sum("(plain at 8)" in row for row in rows) == 2  # cached rows compared with the largest plain batch
