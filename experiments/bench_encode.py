@@ -2,12 +2,14 @@
 
     python experiments/bench_encode.py [--data data/scifact] [--docs 1024] [--batch-size 128] [--max-length 256]
                                        [--token-budget 65536] [--repeat 3] [--dtype auto] [--plain-batch-size 512]
+                                       [--compile]
 
 The plain loop tokenises each batch of --plain-batch-size texts in corpus order, runs the model and mean-pools
-(fp32 on CPU, bf16 autocast on a GPU; DESIGN.md's baseline is batches of 512). Ours runs like the plain loop with --dtype auto, or on a copy of the weights in --dtype (bfloat16). Prints documents/s
-for both, their ratio, and the lowest cosine between the two embeddings of any document. Ours is timed twice: end
-to end (tokenisation included) and again on the already tokenised corpus (what re-encoding during training and
-evaluation costs). Each path is timed --repeat times, interleaved, and the medians are compared. With the whole
+(fp32 on CPU, bf16 autocast on a GPU; DESIGN.md's baseline is batches of 512). Ours runs like the plain loop with
+--dtype auto, or on a copy of the weights in --dtype (bfloat16). Prints documents/s for both, their ratio, and
+the lowest cosine between the two embeddings of any document. Ours is timed twice: end to end (tokenisation
+included) and again on the already tokenised corpus (what re-encoding during training and evaluation costs). Each
+path is timed --repeat times, interleaved, and the medians are compared. With the whole
 corpus (--docs 0) it also prints nDCG@10 on the test queries for both embeddings (queries encoded by each path).
 """
 from __future__ import annotations

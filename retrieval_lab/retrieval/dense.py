@@ -83,18 +83,18 @@ class DenseRetriever:
             self.encoder.to(device)
         self.device = device
 
+    def encode(self, texts: list[str], side: str, desc: str) -> np.ndarray:
+        return encode_texts(self.encoder, texts, side, self.batch_size, self.device, self.progress, desc=desc,
+                            token_budget=self.token_budget, dtype=self.dtype, compile=self.compile)
+
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
         rank, world = distributed_rank_world() if self.shard else (0, 1)
-        doc_emb = encode_texts(self.encoder, [corpus[d].full_text for d in doc_ids[rank::world]], "doc",
-                               self.batch_size, self.device, self.progress, desc="encode corpus",
-                               token_budget=self.token_budget, dtype=self.dtype, compile=self.compile)
+        doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
         if world > 1:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
-        query_emb = encode_texts(self.encoder, [queries[q] for q in qids], "query", self.batch_size, self.device,
-                                 self.progress, desc="encode queries", token_budget=self.token_budget, dtype=self.dtype,
-                                 compile=self.compile)
+        query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
         index = build_index(doc_emb, self.index, self.device)
         scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}

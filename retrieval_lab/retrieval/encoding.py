@@ -188,7 +188,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
     and embeddings wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while
     the GPU runs (no synchronisation per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
-    autocast = dtype == "auto" and device.type == "cuda"
+    cuda = device.type == "cuda"
+    autocast = dtype == "auto" and cuda
     if dtype == "auto":
         dtype = None
     elif isinstance(dtype, str):
@@ -200,7 +201,6 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
         model = compiled(model, "inductor" if compile is True else compile)
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
     out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
-    cuda = device.type == "cuda"
     pad_id = encoder.tokenizer.pad_token_id or 0
     pending_rows, pending = [], []  # embeddings still on the device, and the rows of ``out`` they go to
 
