@@ -1,6 +1,7 @@
 """Under DDP (2 CPU processes, gloo): MoCo enqueues the keys of every process, so all queues agree; the
 bi-encoder scores against every process's documents, with the loss and gradients of one process; validation
-shares the corpus out; the train entry point writes one set of outputs."""
+shares the corpus out; the train entry point writes one set of outputs, and two "machines" (on this host) started
+by Lightning's launcher, torchrun or SLURM train exactly like two processes on one."""
 from __future__ import annotations
 
 import os
@@ -69,23 +70,88 @@ def test_gathered_negatives_equal_the_single_process_batch(chunk, tiny_model, be
             assert torch.allclose(rank["grads"][name], param.grad, atol=1e-6, rtol=1e-4), name
 
 
-def test_train_entry_point_under_ddp_writes_one_set_of_outputs(tiny_model, beir_folder, tmp_path):
-    """`python -m retrieval_lab.train trainer.devices=2 trainer.strategy=ddp` (two CPU processes): each process
-    takes half of every epoch's queries, and only the first one evaluates, saves and writes the outputs."""
-    import json
+TRAIN_ARGS = ("data=beir", "batch_size=8", "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.strategy=ddp",
+              "eval.batch_size=16", "validation.corpus_sample=30", "logger.wandb.enabled=false")
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def one_machine_run(tiny_model, beir_folder, tmp_path_factory):
+    """`python -m retrieval_lab.train trainer.devices=2 trainer.strategy=ddp`: two CPU processes on one machine."""
     from conftest import run_module
 
-    result = run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}",
-                        f"model.name_or_path={tiny_model}", "batch_size=8", "trainer.max_epochs=1",
-                        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-                        "eval.batch_size=16", "validation.corpus_sample=30", "logger.wandb.enabled=false",
-                        f"hydra.run.dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    run_dir = tmp_path_factory.mktemp("one_machine")
+    result = run_module("retrieval_lab.train", *TRAIN_ARGS, f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", "trainer.devices=2", f"hydra.run.dir={run_dir}",
+                        env={"OMP_NUM_THREADS": "1"})
+    return result, run_dir
+
+
+def test_train_entry_point_under_ddp_writes_one_set_of_outputs(one_machine_run):
+    """Each process takes half of every epoch's queries, and only the first one evaluates, saves and writes the
+    outputs."""
+    import json
+
+    result, run_dir = one_machine_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("outputs in") == 1 and result.stdout.count("before training") == 1
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == (36 // 2) // 8  # 36 training queries (10% carved for dev) split over 2 processes
-    assert {"before", "after"} <= metrics.keys() and (tmp_path / "model" / "config.json").is_file()
+    assert {"before", "after"} <= metrics.keys() and (run_dir / "model" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun", "slurm"])
+def test_two_machines_train_like_two_processes_on_one(launcher, one_machine_run, tiny_model, beir_folder, tmp_path):
+    """The README's two-machine commands, with both "machines" on this one (one CPU process each, gloo, a shared
+    run folder): Lightning's own launcher (MASTER_ADDR / NODE_RANK), torchrun, and a SLURM job's environment as
+    srun sets it (what a submitit task sees). The trained weights equal those of two processes on one machine,
+    and only node 0 writes the outputs."""
+    from safetensors.torch import load_file
+
+    train = ["-m", "retrieval_lab.train", *TRAIN_ARGS, f"data.path={beir_folder}", f"model.name_or_path={tiny_model}",
+             "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={tmp_path}"]
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("SLURM_")}
+    base.update(HF_HUB_OFFLINE="1", WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    commands = []
+    for node in (0, 1):
+        env = dict(base)
+        if launcher == "lightning":
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node))
+            command = [sys.executable, *train]
+        elif launcher == "torchrun":
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                       "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", port, *train]
+        else:
+            env.update(SLURM_JOB_ID="4321", SLURM_JOB_NAME="train", SLURM_NNODES="2", SLURM_NTASKS="2",
+                       SLURM_NTASKS_PER_NODE="1", SLURM_NODELIST="127.0.0.1", SLURM_PROCID=str(node),
+                       SLURM_LOCALID="0", SLURM_NODEID=str(node), MASTER_PORT=port)
+            command = [sys.executable, *train]
+        commands.append((command, env))
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for command, env in commands]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    for text in ("before training", "outputs in"):  # the evaluation before training, and the outputs
+        assert [text in stdout for stdout, _ in outputs] == [True, False], text
+
+    _, one_machine = one_machine_run
+    expected = load_file(one_machine / "model" / "model.safetensors")
+    trained = load_file(tmp_path / "model" / "model.safetensors")
+    assert trained.keys() == expected.keys()
+    for name, weights in expected.items():
+        assert torch.equal(trained[name], weights), name
+    initial = load_file(tiny_model / "model.safetensors")
+    assert any(not torch.equal(initial[name], trained[name]) for name in initial if name in trained)
 
 
 @pytest.mark.parametrize("env, first", [({}, True), ({"LOCAL_RANK": "1"}, False), ({"NODE_RANK": "1"}, False),
@@ -105,14 +171,11 @@ def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(t
     """Under DDP each process encodes half of the corpus and the halves are all-gathered: every process gets the
     ranking (documents and scores) of one process encoding everything."""
     import json
-    import socket
 
     from retrieval_lab.data.beir import BeirDataset
     from retrieval_lab.retrieval.dense import DenseRetriever
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = free_port()
     script = Path(__file__).with_name("ddp_retrieval_script.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(tmp_path), port],
