@@ -24,8 +24,7 @@ def documented_commands() -> list[tuple[str, str, tuple[str, ...]]]:
             except ValueError:  # a shell construct (a trailing backslash, $(...)): plain words are enough here
                 words = args.split()
             overrides = tuple(a for a in words if "=" in a and not a.startswith("-"))
-            if not any(a.startswith(("hydra/launcher", "hydra.launcher")) for a in overrides):  # need plugins
-                commands.setdefault((match.group(1), overrides), path.name)
+            commands.setdefault((match.group(1), overrides), path.name)
     return [(where, entry, overrides) for (entry, overrides), where in commands.items()]
 
 
@@ -39,5 +38,5 @@ def test_documented_command_composes(where, entry, overrides):
 
     # a sweep (key=a,b) composes its first value
     first = [a if "[" in a else re.sub(r"=([^,]*),.*", r"=\1", a) for a in overrides]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        compose(config_name=entry, overrides=first)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):  # hydra.* too (launchers: test extras)
+        compose(config_name=entry, overrides=first, return_hydra_config=True)

@@ -1,4 +1,5 @@
-"""A Hydra multirun sweep end to end: jobs in parallel (joblib launcher), one folder each, and the report."""
+"""A Hydra multirun sweep end to end: jobs in parallel (joblib launcher) or through submitit, one folder each,
+and the report."""
 from __future__ import annotations
 
 import csv
@@ -34,3 +35,21 @@ def test_parallel_sweep_then_report(tiny_model, beir_folder, tmp_path):
         values = [json.loads((j / "metrics.json").read_text())["after"]["ndcg@10"] for j in jobs
                   if json.loads((j / "run_info.json").read_text())["choices"]["loss"] == loss]
         assert means[loss] == sum(values) / 2 or abs(means[loss] - sum(values) / 2) < 1e-6
+
+
+def test_sweep_through_the_submitit_launcher(tiny_model, beir_folder, tmp_path):
+    """`hydra/launcher=slurm` hands each job to submitit; its local executor (`submitit_local`, the same plugin
+    without SLURM) runs the jobs here: each one is pickled, run in its own process and writes its own folder."""
+    sweep = tmp_path / "sweep"
+    result = run_module("retrieval_lab.train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                        "loss=infonce,samtone", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", "trainer.max_steps=2", "batch_size=4", "eval.batch_size=16",
+                        "eval.before=false", "validation.enabled=false", "save_model=false",
+                        "trainer.enable_progress_bar=false", "logger.wandb.enabled=false", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = []
+    for job in ("0", "1"):
+        losses.append(json.loads((sweep / job / "run_info.json").read_text())["choices"]["loss"])
+        assert json.loads((sweep / job / "metrics.json").read_text())["steps"] == 2
+    assert losses == ["infonce", "samtone"]
+    assert len([p for p in (sweep / ".submitit").glob("*/*_result.pkl")]) == 2  # submitit's record of each job
