@@ -1,7 +1,7 @@
 """Under DDP (2 CPU processes, gloo): MoCo enqueues the keys of every process, so all queues agree; the
-bi-encoder scores against every process's documents, with the loss and gradients of one process; validation
-shares the corpus out; the train entry point writes one set of outputs, and two "machines" (on this host) started
-by Lightning's launcher, torchrun or SLURM train exactly like two processes on one."""
+bi-encoder scores against every process's documents, with the loss and gradients of one process; validation and
+ANCE's refresh share the corpus out; the train entry point writes one set of outputs, and two "machines" (on this
+host) started by Lightning's launcher, torchrun or SLURM train exactly like two processes on one."""
 from __future__ import annotations
 
 import os
@@ -192,3 +192,37 @@ def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(t
         for qid, ranking in expected.items():
             assert list(run[qid]) == list(ranking)
             assert np.allclose(list(run[qid].values()), list(ranking.values()), atol=1e-5)
+
+
+def test_ance_refresh_is_shared_out_and_swapped_in_at_the_same_step(tiny_model, beir_folder, bm25_negatives,
+                                                                    tmp_path):
+    """Under DDP each process encodes half of the corpus for an ANCE refresh, every process gets the table that
+    one process mines with the same weights, and the processes swap it in at the same step, though one of them
+    finishes 1.5 s later."""
+    from retrieval_lab.data.negatives import read_negatives
+    from retrieval_lab.data.pairs import SupervisedPairs
+    from retrieval_lab.mining.ance import AnceRefresh
+
+    script = Path(__file__).with_name("ddp_ance_script.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(bm25_negatives),
+                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    swaps = [[(h["ance/mined_at_step"], h["ance/swapped_at_step"]) for h in rank["history"]] for rank in ranks]
+    assert len(swaps[0]) >= 2 and swaps[0] == swaps[1]
+    assert all(swapped > mined for mined, swapped in swaps[0])
+    corpus = ranks[0]["corpus"]
+    assert ranks[0]["docs_encoded"][0] + ranks[1]["docs_encoded"][0] == corpus  # each process its half
+    assert {ranks[0]["docs_encoded"][0], ranks[1]["docs_encoded"][0]} == {corpus // 2, corpus - corpus // 2}
+
+    dataset = BeirDataset(beir_folder)
+    qrels = dataset.qrels("train")
+    pairs = SupervisedPairs(dataset, qrels, group_size=2, negatives=read_negatives(bm25_negatives, dataset, qrels))
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32)
+    for refresh in range(2):
+        assert ranks[0]["built"][refresh]["table"] == ranks[1]["built"][refresh]["table"]
+        encoder.load_state_dict(ranks[0]["built"][refresh]["weights"])
+        expected = AnceRefresh(pairs, depth=20, n_neg=3, batch_size=16).build_table(encoder.eval())
+        assert ranks[0]["built"][refresh]["table"] == expected
+    assert ranks[0]["built"][0]["table"] != ranks[0]["built"][1]["table"]  # training moved the negatives

@@ -9,6 +9,10 @@ finished table replaces the old one in a single reference assignment (``train_se
 training step sees either the old table or the new one, never a half-written one. Training starts from the
 negatives file (BM25). With ``num_workers > 0`` worker processes hold a copy of the data set and see the new
 table from the next epoch on.
+
+Under DDP the refresh is shared out: each process encodes its share of the corpus and of the queries, the
+document embeddings and the mined tables are all-gathered over a gloo group of the refresh's own (training keeps
+the default one), and every process swaps the new table in at the same step, once all of them have it.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ import threading
 import time
 
 import lightning as L
+import torch.distributed as dist
 
 from retrieval_lab.mining.negatives import mine_negatives
-from retrieval_lab.retrieval.dense import DenseRetriever
+from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world
 
 
 class AnceRefresh(L.Callback):
@@ -29,17 +34,26 @@ class AnceRefresh(L.Callback):
         self.skip_top, self.batch_size, self.background = skip_top, batch_size, background
         self._thread: threading.Thread | None = None
         self._ready: dict | None = None  # the finished table and its statistics, waiting to be swapped in
+        self._in_flight = False  # a refresh started and not swapped in yet (the same on every process)
         self._lock = threading.Lock()
+        self.group = None  # under DDP: the refresh's own process group
         self.history: list[dict] = []
 
     # -- the work of one refresh (runs in the background thread) --
     def build_table(self, encoder) -> dict[str, list[str]]:
-        corpus = self.train_set.dataset.corpus
-        queries = {q: self.train_set.dataset.queries[q] for q in self.train_set.qids}
-        run = DenseRetriever(encoder, self.batch_size, progress=False).retrieve(corpus, queries, self.depth)
-        qrels = {q: {d: 1 for d in self.train_set.positives[q]} for q in self.train_set.qids}
-        mined = mine_negatives(run, qrels, self.n_neg, self.skip_top)
-        return {q: mined[q].neg if q in mined else [] for q in self.train_set.qids}
+        rank, world = distributed_rank_world(self.group) if self.group is not None else (0, 1)
+        qids = self.train_set.qids[rank::world]
+        queries = {q: self.train_set.dataset.queries[q] for q in qids}
+        retriever = DenseRetriever(encoder, self.batch_size, progress=False, shard=world > 1, group=self.group)
+        run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
+        mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.positives[q]} for q in qids}, self.n_neg,
+                               self.skip_top)
+        table = {q: mined[q].neg if q in mined else [] for q in qids}
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, table, group=self.group)
+            table = {q: negatives for part in parts for q, negatives in part.items()}
+        return {q: table[q] for q in self.train_set.qids}
 
     def _refresh(self, encoder, step: int) -> None:
         start = time.perf_counter()
@@ -49,18 +63,23 @@ class AnceRefresh(L.Callback):
             self._ready = {"table": table, "step": step, "seconds": seconds}
 
     # -- Lightning hooks (main thread) --
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.world_size > 1 and dist.is_initialized() and self.group is None:
+            self.group = dist.new_group(backend="gloo")  # every process creates it, in the same order
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.swap_if_ready(pl_module)
+        self.swap_if_ready(trainer, pl_module)
         step = trainer.global_step
-        if step % self.every_n_steps or (self._thread is not None and self._thread.is_alive()):
+        if step % self.every_n_steps or self._in_flight:
             return
+        self._in_flight = True
         snapshot = copy.deepcopy(pl_module.encoder).eval().requires_grad_(False)  # weights as of this step
         if self.background:
             self._thread = threading.Thread(target=self._refresh, args=(snapshot, step), daemon=True)
             self._thread.start()
         else:
             self._refresh(snapshot, step)
-            self.swap_if_ready(pl_module)
+            self.swap_if_ready(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._thread is not None:
@@ -74,18 +93,27 @@ class AnceRefresh(L.Callback):
         self.train_set.negatives = dict(state_dict["negatives"])
         self.history = list(state_dict["history"])
 
-    def swap_if_ready(self, pl_module) -> None:
+    def swap_if_ready(self, trainer, pl_module) -> None:
+        """Swap the finished table in; under DDP only once every process has finished, all at the same step."""
+        if not self._in_flight:
+            return
+        with self._lock:
+            finished = self._ready is not None
+        if trainer.world_size > 1:
+            finished = trainer.strategy.reduce_boolean_decision(finished, all=True)
+        if not finished:
+            return
         with self._lock:
             ready, self._ready = self._ready, None
-        if ready is None:
-            return
+        self._in_flight = False
         old = self.train_set.negatives
         changed = sum(len(set(ready["table"][q]) - set(old.get(q, []))) for q in ready["table"])
         total = sum(len(v) for v in ready["table"].values())
         self.train_set.negatives = ready["table"]  # the swap: one reference assignment
         stats = {"ance/refresh_seconds": ready["seconds"], "ance/changed_fraction": changed / max(1, total),
-                 "ance/mined_at_step": float(ready["step"])}
+                 "ance/mined_at_step": float(ready["step"]), "ance/swapped_at_step": float(trainer.global_step)}
         self.history.append(stats)
         pl_module.log_dict(stats, rank_zero_only=True)
-        print(f"ANCE refresh from step {ready['step']}: {ready['seconds']:.1f} s, "
-              f"{changed / max(1, total):.1%} of negatives changed")
+        if trainer.is_global_zero:
+            print(f"ANCE refresh from step {ready['step']}: {ready['seconds']:.1f} s, "
+                  f"{changed / max(1, total):.1%} of negatives changed")

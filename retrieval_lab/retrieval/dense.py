@@ -47,37 +47,41 @@ def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch
     return faiss_index
 
 
-def gather_shards(rows: np.ndarray, total: int, device: str | torch.device | None = None) -> np.ndarray:
-    """All-gather the rows of every process (process r holds items r, r + world, r + 2 world, ... of ``total``),
-    in process order: process 0's rows, then process 1's, ..."""
+def gather_shards(rows: np.ndarray, total: int, device: str | torch.device | None = None, group=None) -> np.ndarray:
+    """All-gather the rows of every process of ``group`` (process r holds items r, r + world, r + 2 world, ... of
+    ``total``), in process order: process 0's rows, then process 1's, ... A gloo group gathers on the CPU."""
     import torch.distributed as dist
 
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
+    device = "cpu" if dist.get_backend(group) == "gloo" else device
     local = torch.zeros(-(-total // world), rows.shape[1], device=device)  # equal sizes for all_gather: padded
     local[:len(rows)] = torch.from_numpy(rows).to(local.device)
     parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local)
+    dist.all_gather(parts, local, group=group)
     return np.concatenate([part[:len(range(r, total, world))].cpu().numpy() for r, part in enumerate(parts)])
 
 
-def distributed_rank_world() -> tuple[int, int]:
+def distributed_rank_world(group=None) -> tuple[int, int]:
+    """This process's rank and the number of processes (in ``group``; 0, 1 outside torch.distributed)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
 
 
 class DenseRetriever:
     """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one.
     ``shard``: under torch.distributed (validation during DDP training), each process encodes its share of the
-    corpus and the shares are all-gathered, so every process must call :meth:`retrieve` at the same time."""
+    corpus and the shares are all-gathered (over ``group``; None: the default group), so every process must call
+    :meth:`retrieve` at the same time."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
-                 compile: bool | str = False):
+                 compile: bool | str = False, group=None):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
+        self.group = group
         device = pick_device(device)
         if device is not None:
             self.encoder.to(device)
@@ -89,10 +93,10 @@ class DenseRetriever:
 
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
-        rank, world = distributed_rank_world() if self.shard else (0, 1)
+        rank, world = distributed_rank_world(self.group) if self.shard else (0, 1)
         doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
         if world > 1:
-            doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device)
+            doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
         index = build_index(doc_emb, self.index, self.device)
