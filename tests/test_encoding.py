@@ -1,5 +1,5 @@
-"""Encoding: input order despite length sorting, the token cache and token budgets, prefix tokenisation, bf16
-copies, the tokenizer backend copies."""
+"""Encoding: input order despite length sorting, the token cache and token budgets, flat token ids, prefix
+tokenisation, bf16 copies, the tokenizer backend copies."""
 from __future__ import annotations
 
 import numpy as np
@@ -51,6 +51,23 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert all(len(b) * max(lengths[i] for i in b) <= 40 for b in batches if len(b) > 1)
     assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
+
+
+def test_token_ids_pad_like_lists_padded_by_hand():
+    """Token ids kept in one flat array: any rows, padded, equal the lists padded one by one; chunks concatenate."""
+    from retrieval_lab.retrieval.encoding import TokenIds
+
+    rng = np.random.default_rng(0)
+    lists = [rng.integers(1000, 30000, size=n).tolist() for n in (5, 1, 12, 3, 12, 7)]
+    ids = TokenIds.concat([TokenIds.from_lists(lists[:2]), TokenIds.from_lists([]), TokenIds.from_lists(lists[2:])])
+    assert list(ids) == lists and ids.lengths.tolist() == [5, 1, 12, 3, 12, 7] and ids.flat.dtype == np.int32
+    for rows in ([2, 0, 1], [3], [5, 4, 3, 2, 1, 0]):
+        width = max(len(lists[r]) for r in rows)
+        expected = [lists[r] + [7] * (width - len(lists[r])) for r in rows]
+        mask = [[1] * len(lists[r]) + [0] * (width - len(lists[r])) for r in rows]
+        padded = ids.pad(np.array(rows), pad_id=7)
+        assert padded["input_ids"].tolist() == expected and padded["attention_mask"].tolist() == mask
+        assert padded["input_ids"].dtype == padded["attention_mask"].dtype == torch.int64
 
 
 def _trained_tokenizer(pre_tokenizer):
