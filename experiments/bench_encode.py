@@ -102,6 +102,7 @@ def main() -> None:
     print(f"retrieval_lab, end to end      {len(texts) / t_cold:9.1f} docs/s   ratio {t_plain / t_cold:6.2f}x")
     print(f"retrieval_lab, tokenised cache {len(texts) / t_warm:9.1f} docs/s   ratio {t_plain / t_warm:6.2f}x")
     print(f"min cosine between the plain and our embedding of a document: {cosine.min():.5f}")
+    print(f"token cache: {cache.nbytes() / 2**20:.1f} MiB for {len(texts)} documents")
     if not args.docs:  # the whole corpus: compare the rankings on the test queries
         split = data.split("test")
         queries = list(split.queries.values())

@@ -38,6 +38,8 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     cached = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, token_budget=40, cache=cache)
     again = encode_texts(encoder, texts, "doc", batch_size=2, progress=False, cache=cache)
     assert cache.misses == 1
+    lengths = [len(x) for x in encoder.tokenizer(texts, truncation=True, max_length=32)["input_ids"]]
+    assert cache.nbytes() == 4 * sum(lengths) + 8 * (len(texts) + 1)  # int32 ids and int64 offsets
     one_by_one = np.stack([encode_texts(encoder, [t], "doc", progress=False, cache=None)[0] for t in texts])
     assert (np.sum(cached * one_by_one, axis=1) > 0.9999).all() and np.allclose(cached, again, atol=1e-5)
     # the Rust backend, chunk by chunk, gives the tokenizer's own ids, longest texts first, every text once

@@ -120,6 +120,10 @@ class TokenCache:
     def __init__(self, size: int = 4):
         self.size, self.entries, self.misses = size, OrderedDict(), 0
 
+    def nbytes(self) -> int:
+        """The memory the cached token ids take."""
+        return sum(ids.flat.nbytes + ids.offsets.nbytes for _, _, ids in self.entries.values())
+
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
         """Yield (indices, :class:`TokenIds` of those texts): everything at once when cached, else chunks of up
         to ``chunk`` texts (the first ones smaller), longest (in characters) first, each tokenised while the
