@@ -115,7 +115,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
                  L.pytorch.callbacks.LearningRateMonitor(),
                  NumericGuard(run_dir / "checkpoints"), ExactResume()]
     if cfg.negatives.get("refresh"):
-        callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, **cfg.negatives.refresh))
+        callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, index=cfg.eval.index,
+                                     **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed,

@@ -1,6 +1,7 @@
 """ANCE: refreshed negatives exclude positives, and a swap never exposes a half-built table to training."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -23,13 +24,17 @@ def pairs_with(data, negatives):
                            negatives={q: QueryNegatives([], negatives) for q in qrels})
 
 
-def test_refresh_mines_negatives_with_the_current_model(tiny_model, beir_folder):
+def test_refresh_mines_negatives_with_the_current_model(tiny_model, beir_folder, monkeypatch):
     data = BeirDataset(beir_folder)
     train_set = pairs_with(data, ["d59"])
-    table = AnceRefresh(train_set, depth=20, n_neg=5).build_table(Encoder(str(tiny_model)).eval())
+    encoder = Encoder(str(tiny_model)).eval()
+    table = AnceRefresh(train_set, depth=20, n_neg=5).build_table(encoder)
     assert set(table) == set(train_set.qids)
     for qid, negs in table.items():
         assert len(negs) == 5 and not set(negs) & set(train_set.positives[qid])
+    # eval.index=torch (a GPU machine without faiss): the same exact search, without importing faiss
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    assert AnceRefresh(train_set, depth=20, n_neg=5, index="torch").build_table(encoder) == table
 
 
 class SlowVersions(AnceRefresh):

@@ -29,9 +29,9 @@ from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world
 
 class AnceRefresh(L.Callback):
     def __init__(self, train_set, every_n_steps: int = 100, depth: int = 100, n_neg: int = 30, skip_top: int = 0,
-                 batch_size: int = 128, background: bool = True):
+                 batch_size: int = 128, background: bool = True, index: str = "flat"):
         self.train_set, self.every_n_steps, self.depth, self.n_neg = train_set, every_n_steps, depth, n_neg
-        self.skip_top, self.batch_size, self.background = skip_top, batch_size, background
+        self.skip_top, self.batch_size, self.background, self.index = skip_top, batch_size, background, index
         self._thread: threading.Thread | None = None
         self._ready: dict | None = None  # the finished table and its statistics, waiting to be swapped in
         self._in_flight = False  # a refresh started and not swapped in yet (the same on every process)
@@ -44,7 +44,8 @@ class AnceRefresh(L.Callback):
         rank, world = distributed_rank_world(self.group) if self.group is not None else (0, 1)
         qids = self.train_set.qids[rank::world]
         queries = {q: self.train_set.dataset.queries[q] for q in qids}
-        retriever = DenseRetriever(encoder, self.batch_size, progress=False, shard=world > 1, group=self.group)
+        retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
+                                   group=self.group)
         run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
         mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.positives[q]} for q in qids}, self.n_neg,
                                self.skip_top)

@@ -99,7 +99,7 @@ class DenseRetriever:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
-        index = build_index(doc_emb, self.index, self.device)
+        index = build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
         scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}
