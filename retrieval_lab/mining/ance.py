@@ -3,10 +3,11 @@
 Xiong et al. (2021), "Approximate Nearest Neighbor Negative Contrastive Learning for Dense Text Retrieval".
 
 Every ``every_n_steps`` optimiser steps the callback snapshots the encoder's weights and hands them to a
-background thread, which encodes the corpus and the training queries with that snapshot, searches a faiss
-index, drops the judged positives and builds a complete new negatives table. Training goes on meanwhile; the
-finished table replaces the old one in a single reference assignment (``train_set.negatives = table``), so a
-training step sees either the old table or the new one, never a half-written one. Training starts from the
+background thread, which encodes the corpus and the training queries with that snapshot, searches an index
+(``eval.index``: faiss flat by default, or torch), drops the judged positives and builds a complete new
+negatives table. Training goes on meanwhile; the finished table replaces the old one in a single reference
+assignment (``train_set.negatives = table``), so a training step sees either the old table or the new one, never
+a half-written one. Training starts from the
 negatives file (BM25). With ``num_workers > 0`` worker processes hold a copy of the data set and see the new
 table from the next epoch on.
 
