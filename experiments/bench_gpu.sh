@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 7 on one GPU, in one go: corpus encoding (token budget or fixed batches, autocast or a bf16 copy of the
-# weights), training with and without gradient caching, and how much GPU memory BM25's JAX import leaves free.
+# weights), training with and without gradient caching, whether the training data pipeline keeps up with the GPU
+# (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
 # DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
@@ -19,8 +20,9 @@ encode --token-budget 262144 --dtype bfloat16
 encode --token-budget 262144 --compile                # torch.compile (compiled in the untimed warm-up)
 encode
 encode --dtype bfloat16
-echo "== python experiments/bench_train.py --sizes $SIZES --chunk 1024 --steps 2"
-python experiments/bench_train.py --model "$MODEL" --sizes $SIZES --chunk 1024 --steps 2 2>&1 | grep -v "Loading weights"
+echo "== python experiments/bench_train.py --sizes $SIZES --chunk 1024 --steps 2 --loader-workers 0 2 4 8"
+python experiments/bench_train.py --model "$MODEL" --sizes $SIZES --chunk 1024 --steps 2 --loader-workers 0 2 4 8 2>&1 \
+    | grep -v "Loading weights"
 echo "== GPU memory free before and after a BM25 search (bm25s imports JAX, which must stay on the CPU)"
 python - <<'PY'
 import torch

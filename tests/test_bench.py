@@ -57,3 +57,6 @@ def test_bench_train_runs_with_and_without_caching(tiny_model, beir_folder):
     rows = [line for line in out.splitlines() if line.startswith("| 4 |") or line.startswith("| 8 |")]
     assert len(rows) == 4 and all("out of memory" not in row for row in rows)
     assert sum("(plain at 8)" in row for row in rows) == 2  # cached rows compared with the largest plain batch
+    loaders = [line for line in out.splitlines() if line.startswith("data pipeline at batch 4")]
+    assert len(loaders) == 2 and "0 workers" in loaders[0] and "2 workers" in loaders[1]
+    assert "taking turns" in loaders[0]
