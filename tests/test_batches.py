@@ -41,6 +41,29 @@ def test_batch_layout_and_false_negative_mask(shared_positive_data):
     assert not batch["mask"].diagonal().any()  # a query's own target is never masked
 
 
+def test_collated_inputs_are_the_tokenizers_own():
+    """The collator tokenises through the Rust backend copy and pads in numpy: the input ids and attention mask
+    are what the tokenizer's own call gives, for texts longer and shorter than the maximum length; a tokenizer that
+    pads on the left keeps its own call."""
+    import random
+
+    tokenizer = AutoTokenizer.from_pretrained(packaged_minilm())
+    rng = random.Random(0)
+    words = ["protein", "immunohistochemistry", "cancer", "of", "the", "β-cell", "IL-6", ",", "(", "2019)"]
+    texts = [" ".join(rng.choices(words, k=n)) for n in (0, 1, 3, 40, 200, 7)]
+    examples = [{"qid": str(i), "query": t, "doc_ids": [f"d{i}"], "docs": [texts[-1 - i]], "positives": {f"d{i}"}}
+                for i, t in enumerate(texts)]
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        batch = GroupCollator(tokenizer, 16, 48)(examples)
+        for key, max_length, column in (("query", 16, [ex["query"] for ex in examples]),
+                                        ("docs", 48, [ex["docs"][0] for ex in examples])):
+            own = tokenizer(column, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            for name in ("input_ids", "attention_mask"):
+                assert torch.equal(batch[key][name], own[name]), (side, key, name)
+        assert batch["query"]["input_ids"].shape == (6, 16) and hasattr(batch["query"], "to")
+
+
 def test_positive_draw_is_reproducible_and_changes_with_epoch(shared_positive_data):
     pairs = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), seed=3)
     draws = []

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retrieval_lab.data.sampling import EpochSampler
+from retrieval_lab.retrieval.encoding import tokenize_padded
 
 
 def false_negative_mask(doc_ids: list[str], positives: list[list[str]], group: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ class GroupCollator:
         self.pair_tokenizer = pair_tokenizer
 
     def _tokenize(self, texts, max_length):
-        return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return tokenize_padded(self.tokenizer, texts, max_length)
 
     def __call__(self, examples: list[dict]) -> dict:
         group = len(examples[0]["docs"])

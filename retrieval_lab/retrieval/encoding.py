@@ -110,6 +110,22 @@ class TokenIds:
         return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
 
 
+def tokenize_padded(tokenizer, texts: list[str], max_length: int | None):
+    """What ``tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")``
+    returns (input ids and attention mask), about twice as fast: the Rust backend copy, prefix tokenisation and
+    numpy padding. Falls back on the tokenizer's own call where those would differ (padding on the left, no Rust
+    backend, no maximum length)."""
+    from transformers import BatchEncoding
+
+    backend = None
+    if max_length is not None and getattr(tokenizer, "padding_side", "right") == "right":
+        backend = rust_tokenizer(tokenizer, max_length)
+    if backend is None:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    ids = TokenIds.from_lists(tokenize_ids(backend, texts, max_length))
+    return BatchEncoding(ids.pad(np.arange(len(texts)), tokenizer.pad_token_id or 0))
+
+
 class TokenCache:
     """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
     once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
