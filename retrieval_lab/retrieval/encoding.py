@@ -91,7 +91,7 @@ class TokenIds:
     def concat(cls, parts: list[TokenIds]) -> TokenIds:
         starts = np.cumsum([0] + [len(part.flat) for part in parts[:-1]])
         offsets = np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, starts)])
-        return cls(np.concatenate([part.flat for part in parts]), offsets)
+        return cls(np.concatenate([np.zeros(0, dtype=np.int32)] + [part.flat for part in parts]), offsets)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -102,7 +102,8 @@ class TokenIds:
 
     def pad(self, rows: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
         """Input ids of texts ``rows``, right-padded to the longest, and their attention mask (no Python loop)."""
-        starts, lengths = self.offsets[rows], self.lengths[rows]
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts  # not self.lengths: that differences the whole corpus
         mask = np.arange(lengths.max()) < lengths[:, None]
         within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # 0, 1, .. per text
         input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
@@ -170,7 +171,7 @@ class TokenCache:
                 parts.append(future.result())
                 yield idx, parts[-1]
         # entries hold their tokenizer, so that its id is not reused meanwhile; texts in the order tokenised
-        self.entries[key] = (tokenizer, order, TokenIds.concat(parts) if parts else TokenIds.from_lists([]))
+        self.entries[key] = (tokenizer, order, TokenIds.concat(parts))
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
