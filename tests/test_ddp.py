@@ -20,12 +20,16 @@ from retrieval_lab.models.biencoder import BiEncoderModule
 from retrieval_lab.models.encoder import Encoder
 
 
-def test_moco_gathers_keys_from_all_processes(tiny_model, beir_folder, tmp_path):
-    script = Path(__file__).with_name("ddp_moco_script.py")
+def run_script(name: str, *args) -> None:
+    """Run tests/<name>, which starts its own 2 processes, offline with one thread each."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name(name)), *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_moco_gathers_keys_from_all_processes(tiny_model, beir_folder, tmp_path):
+    run_script("ddp_moco_script.py", tiny_model, beir_folder, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["len"] == ranks[1]["len"] == 2 * 4 * 2  # 2 steps x 4 keys x 2 processes
     assert torch.allclose(ranks[0]["queue"], ranks[1]["queue"])
@@ -38,11 +42,7 @@ def test_gathered_negatives_equal_the_single_process_batch(chunk, tiny_model, be
     """Two processes with 3 queries each, scoring against each other's documents (SamToNe, both sides,
     bidirectional: every cross-process interaction counts), give the loss and gradients of one process on the
     6 queries; with gradient caching (chunk 2) too."""
-    script = Path(__file__).with_name("ddp_gather_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(bm25_negatives),
-                             str(tmp_path), str(chunk)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert not set(ranks[0]["qids"]) & set(ranks[1]["qids"])
 
@@ -175,12 +175,7 @@ def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(t
     from retrieval_lab.data.beir import BeirDataset
     from retrieval_lab.retrieval.dense import DenseRetriever
 
-    port = free_port()
-    script = Path(__file__).with_name("ddp_retrieval_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(tmp_path), port],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_retrieval_script.py", tiny_model, beir_folder, tmp_path, free_port())
     split = BeirDataset(beir_folder).split("test")
     corpus = dict(list(split.corpus.items())[:59])
     expected = DenseRetriever(Encoder(tiny_model), batch_size=8, progress=False, shard=True).retrieve(
@@ -203,11 +198,7 @@ def test_ance_refresh_is_shared_out_and_swapped_in_at_the_same_step(tiny_model, 
     from retrieval_lab.data.pairs import SupervisedPairs
     from retrieval_lab.mining.ance import AnceRefresh
 
-    script = Path(__file__).with_name("ddp_ance_script.py")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tiny_model), str(beir_folder), str(bm25_negatives),
-                             str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("ddp_ance_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     swaps = [[(h["ance/mined_at_step"], h["ance/swapped_at_step"]) for h in rank["history"]] for rank in ranks]
     assert len(swaps[0]) >= 2 and swaps[0] == swaps[1]
