@@ -22,6 +22,7 @@ import torch
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder, pool
+from retrieval_lab.retrieval.dense import TorchIndex
 from retrieval_lab.retrieval.encoding import TokenCache, encode_texts
 from retrieval_lab.retrieval.metrics import evaluate_run
 
@@ -51,9 +52,8 @@ def timed(fn):
 
 
 def ndcg_at_10(split, doc_ids: list[str], docs: np.ndarray, queries: np.ndarray) -> float:
-    scores = queries @ docs.T
-    top = np.argsort(-scores, axis=1)[:, :10]
-    run = {qid: {doc_ids[j]: float(scores[row, j]) for j in top[row]} for row, qid in enumerate(split.queries)}
+    scores, top = TorchIndex(docs).search(queries, 10)  # exact inner-product search
+    run = {qid: {doc_ids[j]: float(s) for j, s in zip(top[row], scores[row])} for row, qid in enumerate(split.queries)}
     return evaluate_run(split.qrels, run, ["ndcg@10"])["ndcg@10"]
 
 
