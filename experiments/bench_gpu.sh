@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 7 on one GPU, in one go: corpus encoding (token budget or fixed batches, autocast or a bf16 copy of the
-# weights), training with and without gradient caching, whether the training data pipeline keeps up with the GPU
-# (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX import leaves free.
+# Issue 7 on one GPU, in one go: tokenisation on the machine's cores, corpus encoding (token budget or fixed
+# batches, autocast or a bf16 copy of the weights), training with and without gradient caching, whether the
+# training data pipeline keeps up with the GPU (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX
+# import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
 # DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
@@ -14,6 +15,8 @@ encode() {
     echo "== python experiments/bench_encode.py --docs $DOCS --repeat $REPEAT $*"
     python experiments/bench_encode.py --model "$MODEL" --docs "$DOCS" --repeat "$REPEAT" "$@" 2>&1 | grep -v "Loading weights"
 }
+echo "== python experiments/bench_tokenize.py (every core of this machine)"
+python experiments/bench_tokenize.py --model "$MODEL" --repeat "$REPEAT"
 encode --token-budget 262144
 encode --token-budget 262144 --plain-batch-size 128   # the plain baseline of the first H100 figures
 encode --token-budget 262144 --dtype bfloat16

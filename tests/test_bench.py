@@ -1,4 +1,4 @@
-"""The benchmarks' own arithmetic: bench_train's model FLOPs against torch's FLOP counter."""
+"""The benchmarks: bench_train's model FLOPs against torch's FLOP counter, and each script runs on toy data."""
 from __future__ import annotations
 
 import sys
@@ -60,3 +60,10 @@ def test_bench_train_runs_with_and_without_caching(tiny_model, beir_folder):
     loaders = [line for line in out.splitlines() if line.startswith("data pipeline at batch 4")]
     assert len(loaders) == 2 and "0 workers" in loaders[0] and "2 workers" in loaders[1]
     assert "taking turns" in loaders[0]
+
+
+def test_bench_tokenize_runs_and_its_paths_agree(tiny_model, beir_folder):
+    """The tokenisation benchmark on the toy corpus: three paths timed (it stops if their ids differ)."""
+    out = _run_script("bench_tokenize.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
+                      "--max-length", "8")
+    assert out.count("ratio") == 3 and "60 texts (100% ASCII)" in out

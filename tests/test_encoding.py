@@ -101,8 +101,8 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
     for tokenizer in (load_tokenizer(str(tiny_model)), _trained_tokenizer(pre_tokenizers.ByteLevel()),
                       _trained_tokenizer(pre_tokenizers.Metaspace())):
         backend = encoding.rust_tokenizer(tokenizer, max_length)
-        assert type(backend.pre_tokenizer).__name__ in encoding.SPLITS_AT_SPACES
-        full = [enc.ids for enc in backend.encode_batch(texts)]
+        assert type(backend.full.pre_tokenizer).__name__ in encoding.SPLITS_AT_SPACES
+        full = [enc.ids for enc in backend.full.encode_batch(texts)]
         assert any(len(encoding.cut_at_space(t, encoding.CHARS_PER_TOKEN * max_length)) < len(t) for t in texts)
         assert encoding.tokenize_ids(backend, texts, max_length) == full
         assert encoding.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
@@ -114,6 +114,36 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
     expected = left(texts, truncation=True, max_length=max_length)["input_ids"]
     assert expected != load_tokenizer(str(tiny_model))(texts, truncation=True, max_length=max_length)["input_ids"]
     assert encoding.tokenize_ids(encoding.rust_tokenizer(left, max_length), texts, max_length) == expected
+
+
+def test_ascii_texts_normalised_in_python_get_the_ids_of_berts_normaliser(tiny_model):
+    """ASCII texts skip the Rust normaliser (translated character by character instead): every ASCII character,
+    special tokens' text in any case, under each setting of BERT's lowercase and clean_text, give the ids of the
+    full backend; other texts go through the full backend."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval.encoding import RustTokenizer
+
+    config = json.loads(load_tokenizer(str(tiny_model)).backend_tokenizer.to_str())
+    every_char = "".join(map(chr, range(128)))
+    texts = [every_char, every_char[::-1] * 3, "Protein\tCANCER\r\nvirus\x0bcell\x00s\x7fX", "ΟΔΟΣ Café naïve CAFÉ",
+             "β-cells ± 5 µM 中文 e\u0301", "a [SEP] b", "[MASK]ed [CLS]", "a [sep] b", "[SE\x01P] x", "", "   "]
+    for lowercase in (True, False):
+        for clean_text in (True, False):
+            config["normalizer"].update(lowercase=lowercase, clean_text=clean_text)
+            backend = RustTokenizer(Tokenizer.from_str(json.dumps(config)), 64, "right")
+            assert backend.bare is not None
+            assert backend.ids(texts) == [enc.ids for enc in backend.full.encode_batch(texts)]
+            # which texts skipped the Rust normaliser: the ASCII ones without a special token's text
+            fast = [backend.normal_form(t) is not None for t in texts]
+            assert fast == [True] * 3 + [False] * 4 + [True, lowercase or not clean_text, True, True]
+    # another normaliser (or none): no fast path, the full backend's ids
+    config["normalizer"] = None
+    backend = RustTokenizer(Tokenizer.from_str(json.dumps(config)), 64, "right")
+    assert backend.bare is None and backend.ids(texts) == [enc.ids for enc in backend.full.encode_batch(texts)]
 
 
 def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
@@ -140,7 +170,7 @@ def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_mode
     tokenizer = load_tokenizer(str(tiny_model))
     backend = encoding.rust_tokenizer(tokenizer, 16)
     assert encoding.rust_tokenizer(tokenizer, 16) is backend and encoding.rust_tokenizer(tokenizer, 32) is not backend
-    assert backend is not tokenizer.backend_tokenizer and len(backend.encode("word " * 40).ids) == 16
+    assert backend.full is not tokenizer.backend_tokenizer and len(backend.full.encode("word " * 40).ids) == 16
     count = len(encoding.BACKENDS)
     del tokenizer
     gc.collect()
