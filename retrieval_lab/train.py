@@ -26,6 +26,7 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
+from retrieval_lab.retrieval.encoding import TOKEN_CACHE
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
 
@@ -164,6 +165,7 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     config.check_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    TOKEN_CACHE.folder = cfg.eval.get("token_cache_dir")  # every corpus encoding of this run
     dataset = BeirDataset(cfg.data.path)
     test = dataset.split(cfg.eval.split)
     if cfg.eval.get("corpus_sample"):  # one fixed sample (seed 0) for every run, so runs stay comparable

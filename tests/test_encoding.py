@@ -55,6 +55,35 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
 
 
+def test_token_cache_folder_keeps_tokenised_texts_for_later_runs(tiny_model, tmp_path):
+    """With a folder, tokenised texts are written there and a new cache (a later run) reads them back instead of
+    tokenising; another length or other texts get another file; a damaged file is tokenised again."""
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval.encoding import TokenCache
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    texts = ["a protein study of cancer cells in the liver", "gene", "virus and vaccine", "x " * 40]
+    expected = dict(enumerate(tokenizer(texts, truncation=True, max_length=16)["input_ids"]))
+    as_dict = lambda chunks: {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)}  # noqa: E731
+    first = TokenCache(folder=tmp_path / "tokens")
+    assert as_dict(first.stream(tokenizer, texts, 16, chunk=2)) == expected
+    files = list((tmp_path / "tokens").glob("tokens-*.npz"))
+    assert len(files) == 1 and first.misses == 1 and first.loads == 0
+    later = TokenCache(folder=tmp_path / "tokens")
+    chunks = list(later.stream(tokenizer, texts, 16))
+    assert len(chunks) == 1 and as_dict(chunks) == expected and later.loads == 1 and later.misses == 0
+    list(later.stream(tokenizer, texts, 16))  # now from memory
+    assert later.loads == 1 and later.misses == 0
+    for other_texts, length in ((texts, 8), (texts[:-1], 16), (["ab", "c"], 16), (["a", "bc"], 16)):
+        list(later.stream(tokenizer, other_texts, length))
+    assert len(list((tmp_path / "tokens").glob("tokens-*.npz"))) == 5 and later.misses == 4
+    files[0].write_bytes(b"cut short")
+    damaged = TokenCache(folder=tmp_path / "tokens")
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert as_dict(damaged.stream(tokenizer, texts, 16)) == expected
+    assert damaged.misses == 1 and as_dict(TokenCache(folder=tmp_path / "tokens").stream(tokenizer, texts, 16)) == expected
+
+
 def test_token_ids_pad_like_lists_padded_by_hand():
     """Token ids kept in one flat array: any rows, padded, equal the lists padded one by one; chunks concatenate."""
     from retrieval_lab.retrieval.encoding import TokenIds

@@ -83,10 +83,12 @@ def test_evaluate_dense_and_bm25(tiny_model, beir_folder, tmp_path):
         assert len({line.split()[0] for line in lines}) == 12  # every test query has a ranking
     # BM25 on this toy data finds the right topic words: near-perfect
     assert json.loads((tmp_path / "bm25" / "metrics.json").read_text())["metrics"]["recall@100"] == 1.0
-    # exact search with torch instead of faiss: the same rankings
+    # exact search with torch instead of faiss, and texts tokenised into a folder: the same rankings
     result = run_module("retrieval_lab.evaluate", "data=beir", f"data.path={beir_folder}",
-                        f"model.name_or_path={tiny_model}", "retriever.index=torch", f"hydra.run.dir={tmp_path / 'torch'}")
+                        f"model.name_or_path={tiny_model}", "retriever.index=torch", f"hydra.run.dir={tmp_path / 'torch'}",
+                        f"token_cache_dir={tmp_path / 'tokens'}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "tokens").glob("tokens-*.npz"))) == 2  # the corpus and the queries
     ranked = lambda run: [line.split()[:3] for line in (tmp_path / run / "run.trec").read_text().splitlines()]  # noqa: E731
     assert ranked("torch") == ranked("dense")
 

@@ -4,11 +4,16 @@ batches under a token budget, bf16 on a GPU, no synchronisation per batch."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
+import os
+import warnings
 import weakref
+import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -181,14 +186,33 @@ class TokenCache:
     once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
     chunks already done), and every later encoding of the same texts (each validation, each ANCE refresh, the
     final evaluation) only pads and runs the model. Keyed by the tokenizer, the maximum length and the texts
-    themselves; holds the ``size`` newest entries."""
+    themselves; holds the ``size`` newest entries. With a ``folder``, tokenised texts are also written there
+    (one ``.npz`` file each, named by a hash of the tokenizer's settings, the maximum length and the texts) and
+    read back by later runs, so that a corpus is tokenised once across runs too."""
 
-    def __init__(self, size: int = 4):
-        self.size, self.entries, self.misses = size, OrderedDict(), 0
+    def __init__(self, size: int = 4, folder: str | Path | None = None):
+        self.size, self.entries, self.misses, self.loads = size, OrderedDict(), 0, 0
+        self.folder = folder
 
     def nbytes(self) -> int:
         """The memory the cached token ids take."""
         return sum(ids.flat.nbytes + ids.offsets.nbytes for _, _, ids in self.entries.values())
+
+    def file(self, backend: RustTokenizer | None, texts: list[str]) -> Path | None:
+        """Where ``texts`` tokenised by ``backend`` are kept in ``folder`` (None: no folder, or no Rust backend,
+        whose settings name it)."""
+        if not self.folder or backend is None:
+            return None
+        digest = hashlib.blake2b(backend.full.to_str().encode(), digest_size=16)  # vocabulary, truncation, ...
+        for text in texts:
+            digest.update(text.encode())
+            digest.update(b"\xff")  # never in UTF-8: texts cannot run into each other
+        return Path(self.folder) / f"tokens-{digest.hexdigest()}.npz"
+
+    def store(self, key, tokenizer, order: np.ndarray, ids: TokenIds) -> None:
+        self.entries[key] = (tokenizer, order, ids)  # the tokenizer held, so that its id is not reused meanwhile
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
 
     def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
         """Yield (indices, :class:`TokenIds` of those texts): everything at once when cached, else chunks of up
@@ -199,8 +223,22 @@ class TokenCache:
             self.entries.move_to_end(key)
             yield self.entries[key][1:]
             return
-        self.misses += 1
         backend = rust_tokenizer(tokenizer, max_length)
+        file = self.file(backend, texts)
+        if file is not None and file.exists():
+            try:
+                with np.load(file) as saved:
+                    order, ids = saved["order"], TokenIds(saved["flat"], saved["offsets"])
+                if len(order) != len(texts) or len(ids.offsets) != len(texts) + 1:
+                    raise ValueError(f"it holds {len(order)} texts, not {len(texts)}")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged file
+                warnings.warn(f"{file} could not be read ({err}); tokenising again and rewriting it.")
+            else:
+                self.loads += 1
+                self.store(key, tokenizer, order, ids)
+                yield order, ids
+                return
+        self.misses += 1
 
         def tokenize(idx: np.ndarray) -> TokenIds:
             batch = [texts[i] for i in idx]
@@ -219,10 +257,16 @@ class TokenCache:
             for idx, future in zip(chunks, futures):
                 parts.append(future.result())
                 yield idx, parts[-1]
-        # entries hold their tokenizer, so that its id is not reused meanwhile; texts in the order tokenised
-        self.entries[key] = (tokenizer, order, TokenIds.concat(parts))
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        ids = TokenIds.concat(parts)  # texts in the order tokenised
+        self.store(key, tokenizer, order, ids)
+        if file is not None:  # written under a temporary name, then renamed: a reader never sees half a file
+            partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npz")
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(partial, order=order, flat=ids.flat, offsets=ids.offsets)
+                os.replace(partial, file)
+            except OSError as err:  # the encoding goes on without it
+                warnings.warn(f"tokenised texts could not be written to {file} ({err}).")
 
 
 TOKEN_CACHE = TokenCache()
