@@ -2,7 +2,7 @@
 
     python experiments/bench_encode.py [--data data/scifact] [--docs 1024] [--batch-size 128] [--max-length 256]
                                        [--token-budget 65536] [--repeat 3] [--dtype auto] [--plain-batch-size 512]
-                                       [--compile]
+                                       [--compile] [--profile]
 
 The plain loop tokenises each batch of --plain-batch-size texts in corpus order, runs the model and mean-pools
 (fp32 on CPU, bf16 autocast on a GPU; DESIGN.md's baseline is batches of 512). Ours runs like the plain loop with
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="our weights: auto | float32 | bfloat16 | float16")
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (compiled in the warm-up, "
                         "whose time is printed; with --dtype other than auto every call compiles again)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators for one "
+                        "encoding of the tokenised corpus (where the time goes)")
     args = parser.parse_args()
     data = BeirDataset(args.data)
     doc_ids = list(data.corpus)[:args.docs] if args.docs else list(data.corpus)
@@ -103,6 +105,14 @@ def main() -> None:
     print(f"retrieval_lab, tokenised cache {len(texts) / t_warm:9.1f} docs/s   ratio {t_plain / t_warm:6.2f}x")
     print(f"min cosine between the plain and our embedding of a document: {cosine.min():.5f}")
     print(f"token cache: {cache.nbytes() / 2**20:.1f} MiB for {len(texts)} documents")
+    if args.profile:  # one more encoding of the tokenised corpus, under the profiler
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            timed(lambda: ours(cache))
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60))
     if not args.docs:  # the whole corpus: compare the rankings on the test queries
         split = data.split("test")
         queries = list(split.queries.values())

@@ -44,8 +44,9 @@ def test_bench_encode_runs_and_both_paths_rank_alike(tiny_model, beir_folder):
     import re
 
     out = _run_script("bench_encode.py", "--data", str(beir_folder), "--model", str(tiny_model), "--docs", "0",
-                      "--repeat", "1", "--max-length", "32", "--token-budget", "256")
+                      "--repeat", "1", "--max-length", "32", "--token-budget", "256", "--profile")
     assert "end to end" in out and "tokenised cache" in out and out.count("ratio") == 2
+    assert "Self CPU time total" in out  # --profile: the profiler's table
     assert float(re.search(r"min cosine .*: ([\d.]+)", out).group(1)) >= 0.9999
     plain, ours = map(float, re.search(r"plain ([\d.]+), ours ([\d.]+)", out).groups())
     assert abs(plain - ours) < 1e-4

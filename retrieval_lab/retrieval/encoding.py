@@ -204,9 +204,9 @@ class TokenCache:
         if not self.folder or backend is None:
             return None
         digest = hashlib.blake2b(backend.full.to_str().encode(), digest_size=16)  # vocabulary, truncation, ...
-        for text in texts:
-            digest.update(text.encode())
-            digest.update(b"\xff")  # never in UTF-8: texts cannot run into each other
+        digest.update(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)).tobytes())  # where each ends
+        for start in range(0, len(texts), 4096):
+            digest.update("".join(texts[start:start + 4096]).encode("utf-8", "surrogatepass"))
         return Path(self.folder) / f"tokens-{digest.hexdigest()}.npz"
 
     def store(self, key, tokenizer, order: np.ndarray, ids: TokenIds) -> None:
