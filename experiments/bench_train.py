@@ -1,11 +1,12 @@
 """Training throughput and memory: a cropping (Contriever) step of MiniLM with and without gradient caching,
-measured in the same run.
+measured in the same run, on batches that `pairs=cropping` makes (spans of 10-50% of a document's words, word
+deletion 0.1), padded to their longest text.
 
     python experiments/bench_train.py [--sizes 512 2048 8192] [--chunk 256] [--max-length 128] [--steps 3]
                                       [--loader-workers 0 2 4]
 
 For each batch size: query-document pairs per second, model FLOP utilisation and peak GPU memory. Model FLOPs
-of a plain step (forward + backward = 3 forwards) are 3 x (2 x non-embedding weights x tokens + 4 x layers x
+of a plain step (forward + backward = 3 forwards) are 3 x (2 x non-embedding weights x real tokens + 4 x layers x
 hidden size x the sum of squared sequence lengths, for attention), as in the PaLM paper's appendix; a cached step
 runs the forward twice, so 4 x. MFU divides by --peak-tflops.
 The baseline is the plain (uncached) step at the largest of the sizes that fits in memory; every cached size
@@ -20,12 +21,11 @@ means the GPU need not wait.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 
 import torch
 
-from retrieval_lab.data.beir import BeirDataset, load_corpus
+from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.pairs import CroppingPairs
 from retrieval_lab.losses.infonce import InfoNCELoss
@@ -33,13 +33,13 @@ from retrieval_lab.models.biencoder import BiEncoderModule
 from retrieval_lab.models.encoder import Encoder
 
 
-def crop_batch(texts: list[str], size: int, length: int, rng: random.Random) -> list[dict]:
+def cropping_batch(pairs: CroppingPairs, size: int) -> list[dict]:
+    """``size`` examples of ``pairs=cropping`` (Contriever cropping with word deletion), as training draws them:
+    epoch after epoch over the corpus when the batch is larger than the corpus."""
     examples = []
     for i in range(size):
-        words = rng.choice(texts).split()
-        a, b = (rng.randrange(max(1, len(words) - length // 2)) for _ in range(2))
-        examples.append({"qid": str(i), "query": " ".join(words[a:a + length // 2]), "doc_ids": [str(i)],
-                         "docs": [" ".join(words[b:b + length // 2])], "positives": {str(i)}})
+        pairs.set_epoch(i // len(pairs))
+        examples.append(pairs[i % len(pairs)])
     return examples
 
 
@@ -98,17 +98,16 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, nargs="*", default=[0, 2], help="DataLoader worker counts")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    texts = [d.full_text for d in load_corpus(f"{args.data}/corpus.jsonl").values()]
+    pairs = CroppingPairs(BeirDataset(args.data), augmentation={"deletion": 0.1})
     encoder = Encoder(args.model, query_max_length=args.max_length, doc_max_length=args.max_length).to(device)
     module = BiEncoderModule(encoder, InfoNCELoss(0.05)).to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
     params = sum(p.numel() for p in encoder.parameters())
     embedding = sum(p.numel() for name, p in encoder.named_parameters() if ".embeddings." in name)
     collate = GroupCollator(encoder.tokenizer, args.max_length, args.max_length)
-    rng = random.Random(0)
     rows, baseline = [], None
     for size in sorted(args.sizes):
-        batch = collate(crop_batch(texts, size, args.max_length, rng))
+        batch = collate(cropping_batch(pairs, size))
         batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
         for chunk in (None, args.chunk):
             module.grad_cache_chunk = chunk

@@ -81,6 +81,51 @@ def test_dropout_masks_are_replayed(tiny_model):
     assert_same(loss.item(), plain, cached_loss.item(), grads(module))
 
 
+def test_chunks_take_rows_longest_first_cut_to_their_longest_row():
+    from retrieval_lab.models.grad_cache import split_inputs
+
+    lengths = [3, 7, 1, 5, 2, 7, 4]
+    mask = torch.tensor([[1] * n + [0] * (8 - n) for n in lengths])
+    inputs = {"input_ids": torch.arange(56).view(7, 8) * mask, "attention_mask": mask}
+    pieces = split_inputs(inputs, 3)
+    assert [rows.tolist() for rows, _ in pieces] == [[1, 5, 3], [6, 0, 4], [2]]  # longest first, stable
+    assert [piece["input_ids"].shape for _, piece in pieces] == [(3, 7), (3, 4), (1, 1)]
+    for rows, piece in pieces:  # each row's real tokens, whole
+        for row, ids, m in zip(rows.tolist(), piece["input_ids"], piece["attention_mask"]):
+            assert ids[m.bool()].tolist() == inputs["input_ids"][row, :lengths[row]].tolist()
+    # left padding: every row ends in the last column, so nothing is cut (positions stay where they were)
+    left = {"input_ids": inputs["input_ids"].flip(1), "attention_mask": mask.flip(1)}
+    assert all(piece["input_ids"].size(1) == 8 for _, piece in split_inputs(left, 3))
+    # one chunk for the whole batch: the batch as it is
+    [(rows, piece)] = split_inputs(inputs, 7)
+    assert rows.tolist() == list(range(7)) and torch.equal(piece["input_ids"], inputs["input_ids"])
+
+
+def test_dropout_masks_are_replayed_in_sorted_chunks(tiny_model):
+    """With dropout on and several chunks (rows regrouped by length), the gradients are those of the loss on the
+    first pass's embeddings: the replay draws the same masks. The reference runs the first pass with a graph."""
+    from retrieval_lab.models.grad_cache import split_inputs
+
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).train()
+    module = BiEncoderModule(encoder, InfoNCELoss(0.05), group_size=2)
+    batch = make_batch(encoder, 2)
+    torch.manual_seed(1)
+    embeddings = []
+    for embed, inputs in module.towers(batch):
+        pieces = split_inputs(inputs, 4)
+        parts = torch.cat([embed(piece) for _, piece in pieces])
+        order = torch.cat([rows for rows, _ in pieces])
+        embeddings.append(parts[torch.argsort(order)])
+    loss = module.loss_from_embeddings(embeddings, batch)
+    loss.backward()
+    reference = grads(module)
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    module.grad_cache_chunk = 4
+    cached_loss = module.backward_step(batch)
+    assert_same(loss.item(), reference, cached_loss.item(), grads(module))
+
+
 def test_moco_cached_equals_plain(tiny_model):
     torch.manual_seed(0)
     encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()

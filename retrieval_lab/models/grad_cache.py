@@ -18,10 +18,27 @@ from contextlib import contextmanager
 import torch
 
 
-def split_inputs(inputs, chunk: int) -> list[dict]:
-    """Row slices of a tokenised batch (a dict of equally long tensors)."""
-    rows = next(iter(inputs.values())).size(0)
-    return [{k: v[i:i + chunk] for k, v in inputs.items()} for i in range(0, rows, chunk)]
+def split_inputs(inputs: dict, chunk: int) -> list[tuple[torch.Tensor, dict]]:
+    """Chunks of up to ``chunk`` rows of a tokenised batch (a dict of equally long tensors), as (row indices, the
+    inputs of those rows). With an attention mask, rows are taken longest first and each chunk is cut to its
+    longest row, so that short rows are not padded to the batch's longest: the columns cut are padding that the
+    mask hides, so the embeddings are unchanged (cropping batches of MiniLM at 128 tokens: 65% of the padded
+    tokens are real, 86% in chunks of a quarter of the batch)."""
+    first = next(iter(inputs.values()))
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or first.size(0) <= chunk:  # one chunk: the batch as it is
+        rows = torch.arange(first.size(0), device=first.device)
+        return [(rows[i:i + chunk], {k: v[i:i + chunk] for k, v in inputs.items()}) for i in range(0, len(rows), chunk)]
+    width = mask.size(1)
+    ends = torch.where(mask.any(1), width - mask.flip(1).argmax(1), 0)  # one past each row's last real token
+    order = torch.argsort(ends, descending=True, stable=True)
+    longest = ends[order[::chunk]].tolist()  # each chunk's first row is its longest (one synchronisation)
+    pieces = []
+    for start, end in zip(range(0, len(order), chunk), longest):
+        rows = order[start:start + chunk]
+        pieces.append((rows, {k: v[rows][:, :max(1, end)] if v.dim() == 2 and v.size(1) == width else v[rows]
+                              for k, v in inputs.items()}))
+    return pieces
 
 
 class RandomState:
@@ -50,20 +67,22 @@ def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[
     with torch.no_grad():
         for embed, inputs in towers:
             parts, tower_states = [], []
-            for piece in split_inputs(inputs, chunk):
+            pieces = split_inputs(inputs, chunk)
+            for _, piece in pieces:
                 tower_states.append(RandomState())
                 parts.append(embed(piece))
-            cached.append(torch.cat(parts).detach().requires_grad_())
-            states.append(tower_states)
+            rows = torch.cat([rows for rows, _ in pieces])
+            embeddings = torch.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
+            embeddings[rows] = torch.cat(parts)  # back in the batch's order
+            cached.append(embeddings.requires_grad_())
+            states.append((pieces, tower_states))
     loss = loss_fn(cached)
     grads = torch.autograd.grad(loss, cached, allow_unused=True)
-    for (embed, inputs), tower_states, grad in zip(towers, states, grads):
+    for (embed, _), (pieces, tower_states), grad in zip(towers, states, grads):
         if grad is None:  # this tower does not reach the loss
             continue
-        start = 0
-        for piece, state in zip(split_inputs(inputs, chunk), tower_states):
+        for (rows, piece), state in zip(pieces, tower_states):
             with state.replay():
                 emb = embed(piece)
-            backward((emb * grad[start:start + emb.size(0)].to(emb.dtype)).sum())
-            start += emb.size(0)
+            backward((emb * grad[rows].to(emb.dtype)).sum())
     return loss.detach()
