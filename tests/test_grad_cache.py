@@ -131,7 +131,10 @@ def test_moco_cached_equals_plain(tiny_model):
     encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()
     module = MoCoModule(encoder, InfoNCELoss(0.05), queue_size=8, momentum=0.9)
     module.enqueue(torch.nn.functional.normalize(torch.randn(5, encoder.dim), dim=-1))
+    key_rows, encode_keys = [], module.key_encoder.encode_docs
+    module.key_encoder.encode_docs = lambda inputs: key_rows.append(len(inputs["input_ids"])) or encode_keys(inputs)
     assert_same(*plain_and_cached(module, make_batch(encoder, 1), 4))
+    assert key_rows == [6, 4, 2]  # the plain step's keys at once, the cached step's in chunks of 4
 
 
 def test_rocketqa_cached_equals_plain(tiny_model):

@@ -3,12 +3,14 @@
 Gao et al. (2021), "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup". The loss depends on
 the parameters only through the embeddings, so dL/dtheta = sum_i (dL/de_i) . (de_i/dtheta):
 
-1. embed every chunk of ``chunk`` rows without a graph (remembering each chunk's random state);
+1. embed every chunk of ``chunk`` rows without a graph (remembering each chunk's random state); rows are taken
+   longest first and each chunk is cut to its longest row, so short rows carry little padding;
 2. take the loss on the full batch of embeddings and its gradient with respect to them (cheap);
 3. re-embed chunk by chunk with the graph, replaying the random state so dropout draws the same masks, and
    back-propagate (e_chunk . g_chunk).sum(), which accumulates exactly the chunk's share of dL/dtheta.
 
-Peak memory is one chunk's activations, whatever the batch size.
+Peak memory is one chunk's activations, whatever the batch size (MoCo's keys, which need no graph, are also
+computed chunk by chunk).
 """
 from __future__ import annotations
 
@@ -41,6 +43,23 @@ def split_inputs(inputs: dict, chunk: int) -> list[tuple[torch.Tensor, dict]]:
     return pieces
 
 
+def in_batch_order(parts: list[torch.Tensor], pieces: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
+    """The outputs of :func:`split_inputs`' chunks (``parts``), put back in the batch's row order."""
+    rows = torch.cat([rows for rows, _ in pieces])
+    out = torch.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
+    out[rows] = torch.cat(parts)
+    return out
+
+
+def embed_in_chunks(embed: Callable, inputs: dict, chunk: int | None) -> torch.Tensor:
+    """``embed(inputs)`` computed ``chunk`` rows at a time (all at once for None), for work without a graph whose
+    batch would not fit in memory at once, such as MoCo's keys under gradient caching."""
+    if not chunk:
+        return embed(inputs)
+    pieces = split_inputs(inputs, chunk)
+    return in_batch_order([embed(piece) for _, piece in pieces], pieces)
+
+
 class RandomState:
     """The CPU and CUDA random states at one moment; ``replay()`` runs a block from them again."""
 
@@ -71,10 +90,7 @@ def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[
             for _, piece in pieces:
                 tower_states.append(RandomState())
                 parts.append(embed(piece))
-            rows = torch.cat([rows for rows, _ in pieces])
-            embeddings = torch.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-            embeddings[rows] = torch.cat(parts)  # back in the batch's order
-            cached.append(embeddings.requires_grad_())
+            cached.append(in_batch_order(parts, pieces).requires_grad_())
             states.append((pieces, tower_states))
     loss = loss_fn(cached)
     grads = torch.autograd.grad(loss, cached, allow_unused=True)

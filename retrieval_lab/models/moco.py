@@ -16,6 +16,7 @@ import copy
 import torch
 
 from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.grad_cache import embed_in_chunks
 
 
 class MoCoModule(BiEncoderModule):
@@ -56,7 +57,8 @@ class MoCoModule(BiEncoderModule):
         (q,) = embeddings
         with torch.no_grad():
             self.key_encoder.train(self.encoder.training)
-            keys = self.key_encoder.encode_docs(batch["docs"])
+            # under gradient caching, the keys in chunks too: the whole batch at once may not fit in memory
+            keys = embed_in_chunks(self.key_encoder.encode_docs, batch["docs"], self.grad_cache_chunk)
         self._new_keys = keys[:: self.group_size]  # the positives' keys, enqueued at the end of the step
         return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue())
 
