@@ -81,7 +81,8 @@ def test_token_cache_folder_keeps_tokenised_texts_for_later_runs(tiny_model, tmp
     damaged = TokenCache(folder=tmp_path / "tokens")
     with pytest.warns(UserWarning, match="could not be read"):
         assert as_dict(damaged.stream(tokenizer, texts, 16)) == expected
-    assert damaged.misses == 1 and as_dict(TokenCache(folder=tmp_path / "tokens").stream(tokenizer, texts, 16)) == expected
+    assert damaged.misses == 1
+    assert as_dict(TokenCache(folder=tmp_path / "tokens").stream(tokenizer, texts, 16)) == expected  # rewritten
 
 
 def test_token_ids_pad_like_lists_padded_by_hand():
@@ -158,8 +159,9 @@ def test_ascii_texts_normalised_in_python_get_the_ids_of_berts_normaliser(tiny_m
 
     config = json.loads(load_tokenizer(str(tiny_model)).backend_tokenizer.to_str())
     every_char = "".join(map(chr, range(128)))
-    texts = [every_char, every_char[::-1] * 3, "Protein\tCANCER\r\nvirus\x0bcell\x00s\x7fX", "ΟΔΟΣ Café naïve CAFÉ",
-             "β-cells ± 5 µM 中文 e\u0301", "a [SEP] b", "[MASK]ed [CLS]", "a [sep] b", "[SE\x01P] x", "", "   "]
+    texts = [every_char, every_char[::-1] * 3, "Protein\tCANCER\r\nvirus\x0bcell\x00s\x7fX",
+             "ΟΔΟΣ Café naïve CAFÉ", "β-cells ± 5 µM 中文 e\u0301", "a [SEP] b", "[MASK]ed [CLS]", "a [sep] b",
+             "[SE\x01P] x", "", "   "]
     for lowercase in (True, False):
         for clean_text in (True, False):
             config["normalizer"].update(lowercase=lowercase, clean_text=clean_text)
