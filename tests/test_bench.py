@@ -68,3 +68,9 @@ def test_bench_tokenize_runs_and_its_paths_agree(tiny_model, beir_folder):
     out = _run_script("bench_tokenize.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
                       "--max-length", "8")
     assert out.count("ratio") == 3 and "60 texts (100% ASCII)" in out
+
+
+def test_bench_overlap_runs(tiny_model, beir_folder):
+    out = _run_script("bench_overlap.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
+                      "--max-length", "16", "--token-budget", "256")
+    assert "end to end (overlapped)" in out and "against no overlap" in out

@@ -1,0 +1,97 @@
+"""Where end-to-end corpus encoding spends its time: whether tokenisation (a background thread) overlaps with the
+model (the GPU), measured in the same run.
+
+    python experiments/bench_overlap.py [--data data/scifact] [--model packaged:minilm] [--max-length 256]
+                                        [--token-budget 262144] [--repeat 5] [--docs 0]
+
+Times, medians of --repeat, on the corpus (or its first --docs documents):
+- tokenisation alone, the whole corpus in one call, and in the chunks that encoding streams;
+- encoding of the already tokenised corpus;
+- tokenising everything first, then encoding (no overlap);
+- end to end as ``encode_texts`` runs it (chunks tokenised in the background while the model encodes).
+With perfect overlap, end to end takes about the longer of tokenisation and encoding; with none, their sum. The
+last lines count the calls that wait for the GPU during one end-to-end encoding (torch.profiler).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from retrieval_lab.data.beir import BeirDataset
+from retrieval_lab.models.encoder import Encoder
+from retrieval_lab.retrieval.encoding import TokenCache, encode_texts, rust_tokenizer, tokenize_ids
+
+WAITS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
+         "cudaEventSynchronize", "cudaHostAlloc", "aten::pin_memory")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="data/scifact")
+    parser.add_argument("--model", default="packaged:minilm")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--token-budget", type=int, default=262144)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--docs", type=int, default=0, help="the first this many documents (0: the whole corpus)")
+    args = parser.parse_args()
+    texts = [doc.full_text for doc in BeirDataset(args.data).corpus.values()]
+    texts = texts[:args.docs] if args.docs else texts
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = Encoder(args.model, doc_max_length=args.max_length).to(device).eval()
+    tokenizer, length = encoder.tokenizer, args.max_length
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def median(fn) -> float:
+        times = []
+        for _ in range(args.repeat):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def encode(cache: TokenCache) -> None:
+        encode_texts(encoder, texts, "doc", token_budget=args.token_budget, cache=cache, progress=False)
+
+    def serial() -> None:
+        cache = TokenCache()
+        list(cache.stream(tokenizer, texts, length))
+        encode(cache)
+
+    encode_texts(encoder, texts[:512], "doc", token_budget=args.token_budget, cache=TokenCache(), progress=False)
+    cached = TokenCache()
+    list(cached.stream(tokenizer, texts, length))
+    rows = {
+        "tokenise, one call": median(lambda: tokenize_ids(rust_tokenizer(tokenizer, length), texts, length)),
+        "tokenise, streamed chunks": median(lambda: list(TokenCache().stream(tokenizer, texts, length))),
+        "encode, tokenised corpus": median(lambda: encode(cached)),
+        "tokenise, then encode": median(serial),
+        "end to end (overlapped)": median(lambda: encode(TokenCache())),
+    }
+    print(f"device {device}, {len(texts)} documents, max length {length}, token budget {args.token_budget}, "
+          f"medians of {args.repeat}")
+    for name, seconds in rows.items():
+        print(f"{name:28s} {seconds:7.3f} s")
+    parts = rows["tokenise, streamed chunks"], rows["encode, tokenised corpus"]
+    print(f"end to end against no overlap: {rows['tokenise, then encode'] / rows['end to end (overlapped)']:.2f}x "
+          f"(perfect overlap: {sum(parts) / max(parts):.2f}x)")
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        encode(TokenCache())
+        sync()
+    for row in prof.key_averages():
+        if row.key in WAITS:
+            print(f"{row.key:28s} {row.count:5d} calls  {row.cpu_time_total / 1e3:8.2f} ms on the CPU")
+
+
+if __name__ == "__main__":
+    main()
