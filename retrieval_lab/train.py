@@ -76,6 +76,23 @@ def csv_logger(run_dir: Path):
     return logger
 
 
+def data_workers(cfg: DictConfig) -> int:
+    """``num_workers``, where ``auto`` is 0 on a CPU and with ANCE (a worker would see a refresh only from the next
+    epoch on), else up to 8 per GPU and never more than half the CPU cores. On an H200 at batch 512 the data pipeline
+    made 0.82x the pairs/s of the training step with 0 workers, so the two took turns at about 3,450 pairs/s; with
+    4 workers it made 1.27x, with 8, 2.88x."""
+    if cfg.num_workers != "auto":
+        if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
+            raise ConfigError(f"num_workers must be auto or a whole number of 0 or more, got '{cfg.num_workers}'.")
+        return cfg.num_workers
+    on_cpu = cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    if on_cpu or cfg.negatives.get("refresh"):
+        return 0
+    devices = cfg.trainer.get("devices")
+    gpus = devices if isinstance(devices, int) and devices > 0 else torch.cuda.device_count()
+    return max(1, min(8, (os.cpu_count() or 1) // (2 * max(1, gpus))))
+
+
 def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[RetrievalDataModule, Qrels | None]:
     """The training set the config asks for (pairs + negatives), batched as ``module`` needs it; and the dev
     qrels for validation."""
@@ -104,7 +121,8 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     towers = module.uses_towers
     collator = GroupCollator(encoder.tokenizer if towers else None, getattr(encoder, "query_max_length", None),
                              getattr(encoder, "doc_max_length", None), module.pair_tokenizer)
-    return RetrievalDataModule(train_set, collator, cfg.batch_size, cfg.num_workers, cfg.seed, batch_sampler), dev_qrels
+    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, data_workers(cfg), cfg.seed, batch_sampler)
+    return datamodule, dev_qrels
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels) -> list:

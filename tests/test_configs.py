@@ -69,3 +69,25 @@ def test_train_entry_point_exits_with_one_sentence(args, needle, beir_folder, tm
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and needle in lines[-1], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_num_workers_auto_feeds_gpus_and_stays_off_on_a_cpu_and_with_ance(monkeypatch):
+    """``num_workers=auto``: 0 on a CPU and with ANCE, else up to 8 per GPU within half the cores; a number is
+    taken as it is, anything else refused."""
+    from test_combinations import compose_train
+
+    from retrieval_lab import train
+
+    workers = lambda *overrides: train.data_workers(compose_train(list(overrides)))  # noqa: E731
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert workers() == 0 and workers("num_workers=3") == 3
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 16)
+    assert workers("trainer.devices=1") == 8 and workers("trainer.devices=2") == 4 and workers() == 2  # auto: all 4
+    assert workers("trainer.accelerator=cpu") == 0 and workers("negatives=ance") == 0
+    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    assert workers() == 1
+    for bad in ("num_workers=-1", "num_workers=many"):
+        with pytest.raises(ConfigError, match="num_workers"):
+            workers(bad)
