@@ -23,7 +23,8 @@ import torch
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder, pool
 from retrieval_lab.retrieval.dense import TorchIndex
-from retrieval_lab.retrieval.encoding import TokenCache, encode_texts
+from retrieval_lab.retrieval.encoding import encode_texts
+from retrieval_lab.retrieval.tokenization import TokenCache
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 

@@ -22,7 +22,8 @@ import torch
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder
-from retrieval_lab.retrieval.encoding import TokenCache, encode_texts, rust_tokenizer, tokenize_ids
+from retrieval_lab.retrieval.encoding import encode_texts
+from retrieval_lab.retrieval.tokenization import TokenCache, rust_tokenizer, tokenize_ids
 
 WAITS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
          "cudaEventSynchronize", "cudaHostAlloc", "aten::pin_memory")

@@ -20,7 +20,7 @@ import numpy as np
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import load_tokenizer
-from retrieval_lab.retrieval.encoding import RustTokenizer, tokenize_ids
+from retrieval_lab.retrieval.tokenization import RustTokenizer, tokenize_ids
 
 
 def main() -> None:

@@ -1,5 +1,4 @@
-"""Encoding: input order despite length sorting, the token cache and token budgets, flat token ids, prefix
-tokenisation, bf16 copies, the tokenizer backend copies."""
+"""Encoding: input order despite length sorting, the token cache and token budgets, bf16 copies, torch.compile."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +29,8 @@ def test_encoding_keeps_input_order_despite_length_sorting(encoder):
 
 def test_token_cache_and_token_budget_batches(tiny_model):
     """Texts are tokenised once and reused; token-budget batches give the embeddings of one-by-one encoding."""
-    from retrieval_lab.retrieval.encoding import TokenCache, token_batches
+    from retrieval_lab.retrieval.encoding import token_batches
+    from retrieval_lab.retrieval.tokenization import TokenCache
 
     encoder = Encoder(tiny_model, doc_max_length=32)
     texts = ["a protein study of cancer cells in the liver"] * 3 + ["gene", "virus and vaccine", "x " * 40]
@@ -55,128 +55,6 @@ def test_token_cache_and_token_budget_batches(tiny_model):
     assert [len(b) for b in token_batches(lengths, batch_size=4, token_budget=None)] == [4, 2]
 
 
-def test_token_cache_folder_keeps_tokenised_texts_for_later_runs(tiny_model, tmp_path):
-    """With a folder, tokenised texts are written there and a new cache (a later run) reads them back instead of
-    tokenising; another length or other texts get another file; a damaged file is tokenised again."""
-    from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.encoding import TokenCache
-
-    tokenizer = load_tokenizer(str(tiny_model))
-    texts = ["a protein study of cancer cells in the liver", "gene", "virus and vaccine", "x " * 40]
-    expected = dict(enumerate(tokenizer(texts, truncation=True, max_length=16)["input_ids"]))
-    as_dict = lambda chunks: {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)}  # noqa: E731
-    first = TokenCache(folder=tmp_path / "tokens")
-    assert as_dict(first.stream(tokenizer, texts, 16, chunk=2)) == expected
-    files = list((tmp_path / "tokens").glob("tokens-*.npz"))
-    assert len(files) == 1 and first.misses == 1 and first.loads == 0
-    later = TokenCache(folder=tmp_path / "tokens")
-    chunks = list(later.stream(tokenizer, texts, 16))
-    assert len(chunks) == 1 and as_dict(chunks) == expected and later.loads == 1 and later.misses == 0
-    list(later.stream(tokenizer, texts, 16))  # now from memory
-    assert later.loads == 1 and later.misses == 0
-    for other_texts, length in ((texts, 8), (texts[:-1], 16), (["ab", "c"], 16), (["a", "bc"], 16)):
-        list(later.stream(tokenizer, other_texts, length))
-    assert len(list((tmp_path / "tokens").glob("tokens-*.npz"))) == 5 and later.misses == 4
-    files[0].write_bytes(b"cut short")
-    damaged = TokenCache(folder=tmp_path / "tokens")
-    with pytest.warns(UserWarning, match="could not be read"):
-        assert as_dict(damaged.stream(tokenizer, texts, 16)) == expected
-    assert damaged.misses == 1
-    assert as_dict(TokenCache(folder=tmp_path / "tokens").stream(tokenizer, texts, 16)) == expected  # rewritten
-
-
-def test_token_ids_pad_like_lists_padded_by_hand():
-    """Token ids kept in one flat array: any rows, padded, equal the lists padded one by one; chunks concatenate."""
-    from retrieval_lab.retrieval.encoding import TokenIds
-
-    rng = np.random.default_rng(0)
-    lists = [rng.integers(1000, 30000, size=n).tolist() for n in (5, 1, 12, 3, 12, 7)]
-    ids = TokenIds.concat([TokenIds.from_lists(lists[:2]), TokenIds.from_lists([]), TokenIds.from_lists(lists[2:])])
-    assert list(ids) == lists and ids.lengths.tolist() == [5, 1, 12, 3, 12, 7] and ids.flat.dtype == np.int32
-    for rows in ([2, 0, 1], [3], [5, 4, 3, 2, 1, 0]):
-        width = max(len(lists[r]) for r in rows)
-        expected = [lists[r] + [7] * (width - len(lists[r])) for r in rows]
-        mask = [[1] * len(lists[r]) + [0] * (width - len(lists[r])) for r in rows]
-        padded = ids.pad(np.array(rows), pad_id=7)
-        assert padded["input_ids"].tolist() == expected and padded["attention_mask"].tolist() == mask
-        assert padded["input_ids"].dtype == padded["attention_mask"].dtype == torch.int64
-
-
-def _trained_tokenizer(pre_tokenizer):
-    """A small BPE tokenizer trained here, with the given pre-tokenizer, wrapped like a Hugging Face fast one."""
-    from tokenizers import Tokenizer, models, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["protein", "cancer", "virus", "immunohistochemistry", "cell", "a", "of", "the", "and"]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizer
-    backend.train_from_iterator([" ".join(words[(i * 7 + j) % 9] for j in range(30)) for i in range(50)],
-                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
-
-
-def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_model):
-    """Long texts are tokenised from a prefix cut at a space; the ids equal those of the whole text, truncated,
-    for BERT word pieces, byte-level and metaspace BPE, also where the prefix falls short (long words)."""
-    from tokenizers import pre_tokenizers
-
-    from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import encoding
-
-    rng = np.random.default_rng(0)
-    words = ["protein", "cancer", "virus", "immunohistochemistry" * 3, "cell", "a", "of", "the", "and", ",", "."]
-    texts = [" ".join(rng.choice(words, size=n)) for n in (1, 5, 40, 80, 300, 600)]
-    texts += ["  ".join(["immunohistochemistry" * 4] * 40), "x" * 500, "word " * 100 + "   ", "  lead  " * 90]
-    max_length = 24
-    for tokenizer in (load_tokenizer(str(tiny_model)), _trained_tokenizer(pre_tokenizers.ByteLevel()),
-                      _trained_tokenizer(pre_tokenizers.Metaspace())):
-        backend = encoding.rust_tokenizer(tokenizer, max_length)
-        assert type(backend.full.pre_tokenizer).__name__ in encoding.SPLITS_AT_SPACES
-        full = [enc.ids for enc in backend.full.encode_batch(texts)]
-        assert any(len(encoding.cut_at_space(t, encoding.CHARS_PER_TOKEN * max_length)) < len(t) for t in texts)
-        assert encoding.tokenize_ids(backend, texts, max_length) == full
-        assert encoding.tokenize_ids(backend, texts, max_length) == tokenizer(texts, truncation=True,
-                                                                            max_length=max_length)["input_ids"]
-    assert encoding.cut_at_space("ab cd  ef gh", 8) == "ab cd" and encoding.cut_at_space("abcdefgh", 3) == "abcdefgh"
-    # a tokenizer that keeps the last tokens: whole texts, truncated on its side
-    left = load_tokenizer(str(tiny_model))
-    left.truncation_side = "left"
-    expected = left(texts, truncation=True, max_length=max_length)["input_ids"]
-    assert expected != load_tokenizer(str(tiny_model))(texts, truncation=True, max_length=max_length)["input_ids"]
-    assert encoding.tokenize_ids(encoding.rust_tokenizer(left, max_length), texts, max_length) == expected
-
-
-def test_ascii_texts_normalised_in_python_get_the_ids_of_berts_normaliser(tiny_model):
-    """ASCII texts skip the Rust normaliser (translated character by character instead): every ASCII character,
-    special tokens' text in any case, under each setting of BERT's lowercase and clean_text, give the ids of the
-    full backend; other texts go through the full backend."""
-    import json
-
-    from tokenizers import Tokenizer
-
-    from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.encoding import RustTokenizer
-
-    config = json.loads(load_tokenizer(str(tiny_model)).backend_tokenizer.to_str())
-    every_char = "".join(map(chr, range(128)))
-    texts = [every_char, every_char[::-1] * 3, "Protein\tCANCER\r\nvirus\x0bcell\x00s\x7fX",
-             "ΟΔΟΣ Café naïve CAFÉ", "β-cells ± 5 µM 中文 e\u0301", "a [SEP] b", "[MASK]ed [CLS]", "a [sep] b",
-             "[SE\x01P] x", "", "   "]
-    for lowercase in (True, False):
-        for clean_text in (True, False):
-            config["normalizer"].update(lowercase=lowercase, clean_text=clean_text)
-            backend = RustTokenizer(Tokenizer.from_str(json.dumps(config)), 64, "right")
-            assert backend.bare is not None
-            assert backend.ids(texts) == [enc.ids for enc in backend.full.encode_batch(texts)]
-            # which texts skipped the Rust normaliser: the ASCII ones without a special token's text
-            fast = [backend.normal_form(t) is not None for t in texts]
-            assert fast == [True] * 3 + [False] * 4 + [True, lowercase or not clean_text, True, True]
-    # another normaliser (or none): no fast path, the full backend's ids
-    config["normalizer"] = None
-    backend = RustTokenizer(Tokenizer.from_str(json.dumps(config)), 64, "right")
-    assert backend.bare is None and backend.ids(texts) == [enc.ids for enc in backend.full.encode_batch(texts)]
-
-
 def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
     """``dtype``: a bf16 copy of the weights encodes; the encoder keeps its float32 weights."""
     encoder = Encoder(tiny_model)
@@ -190,22 +68,6 @@ def test_encoding_with_bf16_weights_leaves_the_encoder_alone(tiny_model):
     assert next(encoder.parameters()).dtype == torch.float32
     with pytest.raises(ConfigError, match="retriever.dtype"):
         encode_texts(encoder, texts, "doc", progress=False, dtype="fp8")
-
-
-def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_model):
-    import gc
-
-    from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import encoding
-
-    tokenizer = load_tokenizer(str(tiny_model))
-    backend = encoding.rust_tokenizer(tokenizer, 16)
-    assert encoding.rust_tokenizer(tokenizer, 16) is backend and encoding.rust_tokenizer(tokenizer, 32) is not backend
-    assert backend.full is not tokenizer.backend_tokenizer and len(backend.full.encode("word " * 40).ids) == 16
-    count = len(encoding.BACKENDS)
-    del tokenizer
-    gc.collect()
-    assert len(encoding.BACKENDS) == count - 1
 
 
 def test_compiled_encoding_equals_the_plain_one_and_leaves_the_encoder_alone(tiny_model):

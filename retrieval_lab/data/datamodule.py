@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from retrieval_lab.data.sampling import EpochSampler
-from retrieval_lab.retrieval.encoding import tokenize_padded
+from retrieval_lab.retrieval.tokenization import tokenize_padded
 
 
 def false_negative_mask(doc_ids: list[str], positives: list[list[str]], group: int) -> torch.Tensor:

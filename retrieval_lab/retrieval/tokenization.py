@@ -1,0 +1,264 @@
+"""Tokenising many texts, fast, without torch: the Rust tokenizer on every core, from a prefix of long texts when
+that gives the same ids, ASCII texts normalised in Python; token ids kept flat in numpy arrays; a cache that
+tokenises a corpus once (in the background while the model encodes) and can keep it on disk for later runs."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import warnings
+import weakref
+import zipfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+
+BACKENDS = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: its RustTokenizer}
+
+
+class RustTokenizer:
+    """A private copy of a fast tokenizer's Rust backend (``full``) that truncates to ``max_length`` and adds the
+    special tokens. Where that backend normalises with BERT's normaliser, a second copy without it (``bare``) takes
+    the ASCII texts, normalised here by one ``str.translate`` with each ASCII character's normal form (asked of
+    the normaliser itself; on ASCII it works character by character). The Rust normaliser, which tracks every
+    character's alignment, takes about a third of the Rust tokenisation time; the translation, in Python, takes
+    about 2% of the time on 2 cores. Other texts, and texts that hold a special token's text, go through
+    ``full``; the ids are the same either way."""
+
+    def __init__(self, backend, max_length: int, direction: str):
+        from tokenizers import Tokenizer
+
+        self.full = Tokenizer.from_str(backend.to_str())
+        self.full.no_padding()
+        self.full.enable_truncation(max_length, direction=direction)
+        config = json.loads(self.full.to_str())
+        self.bare = None
+        if (config["normalizer"] or {}).get("type") == "BertNormalizer" and not any(
+                token["normalized"] for token in config["added_tokens"]):
+            self.bare = Tokenizer.from_str(self.full.to_str())
+            self.bare.normalizer = None
+            self.ascii_forms = {c: self.full.normalizer.normalize_str(chr(c)) for c in range(128)}
+            self.specials = [token["content"] for token in config["added_tokens"]]
+            self.first_chars = {special[0] for special in self.specials if special}
+
+    def normal_form(self, text: str) -> str | None:
+        """What the normaliser makes of ``text``, or None where ``bare`` must not take it."""
+        if not text.isascii():
+            return None
+        normal = text.translate(self.ascii_forms)
+        if any(c in text or c in normal for c in self.first_chars) and any(
+                s in text or s in normal for s in self.specials):
+            return None
+        return normal
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        """The token ids of ``texts`` (no character offsets)."""
+        if self.bare is None:
+            return [enc.ids for enc in encode_fast(self.full, texts)]
+        normal = [self.normal_form(text) for text in texts]
+        fast = [i for i, x in enumerate(normal) if x is not None]
+        rest = [i for i, x in enumerate(normal) if x is None]
+        out = [None] * len(texts)
+        for backend, rows, batch in ((self.bare, fast, [normal[i] for i in fast]),
+                                     (self.full, rest, [texts[i] for i in rest])):
+            for row, enc in zip(rows, encode_fast(backend, batch) if rows else []):
+                out[row] = enc.ids
+        return out
+
+
+def encode_fast(backend, texts: list[str]):
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)(texts)  # fast: no character offsets
+
+
+def rust_tokenizer(tokenizer, max_length: int) -> RustTokenizer | None:
+    """The :class:`RustTokenizer` of a fast tokenizer, or None for a tokenizer without a Rust backend (then the
+    tokenizer's own call is used). Made once per tokenizer and length (a copy takes ~20 ms), and kept while the
+    tokenizer lives."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    copies = BACKENDS.setdefault(tokenizer, {})
+    if max_length not in copies:
+        copies[max_length] = RustTokenizer(backend, max_length, getattr(tokenizer, "truncation_side", "right"))
+    return copies[max_length]
+
+
+# pre-tokenizers that split words at spaces: a text cut just before a space begins with the whole text's tokens
+SPLITS_AT_SPACES = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+CHARS_PER_TOKEN = 6  # text cut at max_length * this many characters first; few texts need their whole text after
+
+
+def cut_at_space(text: str, limit: int) -> str:
+    """``text`` cut before its last space within ``limit`` characters (unchanged when short or without a space)."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(" ", 0, limit + 1)
+    return text[:end].rstrip() if end > 0 else text
+
+
+def tokenize_ids(backend: RustTokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids of ``texts`` truncated to ``max_length``, from a :func:`rust_tokenizer` backend. Where truncation
+    keeps the first tokens and the tokenizer splits at spaces, only a prefix of each long text is tokenised: the
+    text cut at a space after ``CHARS_PER_TOKEN * max_length`` characters. A cut text that still fills
+    ``max_length`` tokens has the whole text's first tokens; the others are tokenised again in full."""
+    truncation = backend.full.truncation
+    keeps_first = truncation is not None and truncation["direction"] == "right"
+    if not keeps_first or type(backend.full.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
+        return backend.ids(texts)
+    cut = [cut_at_space(text, CHARS_PER_TOKEN * max_length) for text in texts]
+    ids = backend.ids(cut)
+    short = [i for i, (text, x) in enumerate(zip(texts, ids)) if len(x) < max_length and len(cut[i]) < len(text)]
+    for i, x in zip(short, backend.ids([texts[i] for i in short]) if short else []):
+        ids[i] = x
+    return ids
+
+
+class TokenIds:
+    """The token ids of many texts in one flat int32 array (text ``i``: ``flat[offsets[i]:offsets[i + 1]]``): a
+    tenth of the memory that Python lists of ints take, which matters for a cached corpus of millions of texts."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def from_lists(cls, ids: list[list[int]]) -> TokenIds:
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)), out=offsets[1:])
+        return cls(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1])), offsets)
+
+    @classmethod
+    def concat(cls, parts: list[TokenIds]) -> TokenIds:
+        starts = np.cumsum([0] + [len(part.flat) for part in parts[:-1]])
+        offsets = np.concatenate([[0]] + [part.offsets[1:] + start for part, start in zip(parts, starts)])
+        return cls(np.concatenate([np.zeros(0, dtype=np.int32)] + [part.flat for part in parts]), offsets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __iter__(self):
+        return (self.flat[a:b].tolist() for a, b in zip(self.offsets[:-1], self.offsets[1:]))
+
+    def pad(self, rows: np.ndarray, pad_id: int) -> dict:
+        """Input ids of texts ``rows``, right-padded to the longest, and their attention mask (no Python loop), as
+        torch tensors."""
+        import torch
+
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts  # not self.lengths: that differences the whole corpus
+        mask = np.arange(lengths.max()) < lengths[:, None]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # 0, 1, .. per text
+        input_ids = np.full(mask.shape, pad_id, dtype=np.int64)
+        input_ids[mask] = self.flat[np.repeat(starts, lengths) + within]  # row-major: each text's ids in order
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+
+
+def tokenize_padded(tokenizer, texts: list[str], max_length: int | None):
+    """What ``tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")``
+    returns (input ids and attention mask), about twice as fast: the Rust backend copy, prefix tokenisation and
+    numpy padding. Falls back on the tokenizer's own call where those would differ (padding on the left, no Rust
+    backend, no maximum length)."""
+    from transformers import BatchEncoding
+
+    backend = None
+    if max_length is not None and getattr(tokenizer, "padding_side", "right") == "right":
+        backend = rust_tokenizer(tokenizer, max_length)
+    if backend is None:
+        return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    ids = TokenIds.from_lists(tokenize_ids(backend, texts, max_length))
+    return BatchEncoding(ids.pad(np.arange(len(texts)), tokenizer.pad_token_id or 0))
+
+
+class TokenCache:
+    """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
+    once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
+    chunks already done), and every later encoding of the same texts (each validation, each ANCE refresh, the
+    final evaluation) only pads and runs the model. Keyed by the tokenizer, the maximum length and the texts
+    themselves; holds the ``size`` newest entries. With a ``folder``, tokenised texts are also written there
+    (one ``.npz`` file each, named by a hash of the tokenizer's settings, the maximum length and the texts) and
+    read back by later runs, so that a corpus is tokenised once across runs too."""
+
+    def __init__(self, size: int = 4, folder: str | Path | None = None):
+        self.size, self.entries, self.misses, self.loads = size, OrderedDict(), 0, 0
+        self.folder = folder
+
+    def nbytes(self) -> int:
+        """The memory the cached token ids take."""
+        return sum(ids.flat.nbytes + ids.offsets.nbytes for _, _, ids in self.entries.values())
+
+    def file(self, backend: RustTokenizer | None, texts: list[str]) -> Path | None:
+        """Where ``texts`` tokenised by ``backend`` are kept in ``folder`` (None: no folder, or no Rust backend,
+        whose settings name it)."""
+        if not self.folder or backend is None:
+            return None
+        digest = hashlib.blake2b(backend.full.to_str().encode(), digest_size=16)  # vocabulary, truncation, ...
+        digest.update(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)).tobytes())  # where each ends
+        for start in range(0, len(texts), 4096):
+            digest.update("".join(texts[start:start + 4096]).encode("utf-8", "surrogatepass"))
+        return Path(self.folder) / f"tokens-{digest.hexdigest()}.npz"
+
+    def store(self, key, tokenizer, order: np.ndarray, ids: TokenIds) -> None:
+        self.entries[key] = (tokenizer, order, ids)  # the tokenizer held, so that its id is not reused meanwhile
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+    def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
+        """Yield (indices, :class:`TokenIds` of those texts): everything at once when cached, else chunks of up
+        to ``chunk`` texts (the first ones smaller), longest (in characters) first, each tokenised while the
+        caller works on the previous one."""
+        key = (id(tokenizer), max_length, len(texts), hash(tuple(texts)))
+        if key in self.entries and self.entries[key][0] is tokenizer:
+            self.entries.move_to_end(key)
+            yield self.entries[key][1:]
+            return
+        backend = rust_tokenizer(tokenizer, max_length)
+        file = self.file(backend, texts)
+        if file is not None and file.exists():
+            try:
+                with np.load(file) as saved:
+                    order, ids = saved["order"], TokenIds(saved["flat"], saved["offsets"])
+                if len(order) != len(texts) or len(ids.offsets) != len(texts) + 1:
+                    raise ValueError(f"it holds {len(order)} texts, not {len(texts)}")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged file
+                warnings.warn(f"{file} could not be read ({err}); tokenising again and rewriting it.")
+            else:
+                self.loads += 1
+                self.store(key, tokenizer, order, ids)
+                yield order, ids
+                return
+        self.misses += 1
+
+        def tokenize(idx: np.ndarray) -> TokenIds:
+            batch = [texts[i] for i in idx]
+            if backend is None:
+                return TokenIds.from_lists(tokenizer(batch, truncation=True, max_length=max_length)["input_ids"])
+            return TokenIds.from_lists(tokenize_ids(backend, batch, max_length))
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        chunks, start, size = [], 0, max(1, chunk // 8)  # a small first chunk, so that the GPU starts early
+        while start < len(order):
+            chunks.append(order[start:start + size])
+            start, size = start + size, min(chunk, 2 * size)
+        parts = []
+        with ThreadPoolExecutor(1) as pool:  # the Rust tokenizer releases the GIL and uses every core itself
+            futures = [pool.submit(tokenize, idx) for idx in chunks]
+            for idx, future in zip(chunks, futures):
+                parts.append(future.result())
+                yield idx, parts[-1]
+        ids = TokenIds.concat(parts)  # texts in the order tokenised
+        self.store(key, tokenizer, order, ids)
+        if file is not None:  # written under a temporary name, then renamed: a reader never sees half a file
+            partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npz")
+            try:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(partial, order=order, flat=ids.flat, offsets=ids.offsets)
+                os.replace(partial, file)
+            except OSError as err:  # the encoding goes on without it
+                warnings.warn(f"tokenised texts could not be written to {file} ({err}).")
+
+
+TOKEN_CACHE = TokenCache()
