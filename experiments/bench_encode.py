@@ -2,7 +2,7 @@
 
     python experiments/bench_encode.py [--data data/scifact] [--docs 1024] [--batch-size 128] [--max-length 256]
                                        [--token-budget 65536] [--repeat 3] [--dtype auto] [--plain-batch-size 512]
-                                       [--compile] [--profile]
+                                       [--compile] [--profile] [--tokenize-processes auto]
 
 The plain loop tokenises each batch of --plain-batch-size texts in corpus order, runs the model and mean-pools
 (fp32 on CPU, bf16 autocast on a GPU; DESIGN.md's baseline is batches of 512). Ours runs like the plain loop with
@@ -24,7 +24,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder, pool
 from retrieval_lab.retrieval.dense import TorchIndex
 from retrieval_lab.retrieval.encoding import encode_texts
-from retrieval_lab.retrieval.tokenization import TokenCache
+from retrieval_lab.retrieval.tokenization import TokenCache, worker_plan
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="our weights: auto | float32 | bfloat16 | float16")
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (compiled in the warm-up, "
                         "whose time is printed; with --dtype other than auto every call compiles again)")
+    parser.add_argument("--tokenize-processes", default="auto", type=lambda x: x if x == "auto" else int(x),
+                        help="tokenizer worker processes of ours (0: a thread; auto: 0 on a CPU, a few on a GPU)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators for one "
                         "encoding of the tokenised corpus (where the time goes)")
     args = parser.parse_args()
@@ -82,11 +84,13 @@ def main() -> None:
     plain_loop(encoder, texts[:args.plain_batch_size], args.plain_batch_size, device)  # warm-ups
     _, warm_up = timed(lambda: encode_texts(encoder, texts[:args.batch_size * 4], "doc", args.batch_size, device,
                                             progress=False, token_budget=args.token_budget, cache=TokenCache(),
-                                            dtype=args.dtype, compile=args.compile))
+                                            dtype=args.dtype, compile=args.compile,
+                                            tokenize_processes=args.tokenize_processes))  # also starts the workers
 
     def ours(cache: TokenCache) -> np.ndarray:
         return encode_texts(encoder, texts, "doc", args.batch_size, device, progress=False,
-                            token_budget=args.token_budget, cache=cache, dtype=args.dtype, compile=args.compile)
+                            token_budget=args.token_budget, cache=cache, dtype=args.dtype, compile=args.compile,
+                            tokenize_processes=args.tokenize_processes)
 
     t_plain, t_cold, t_warm = [], [], []
     for _ in range(args.repeat):  # each path timed --repeat times, interleaved; the medians are compared
@@ -100,7 +104,8 @@ def main() -> None:
     cosine = (plain * embeddings).sum(1)
     print(f"device {device}, {len(texts)} documents, max length {args.max_length}; plain loop: batches of "
           f"{args.plain_batch_size}; ours: batches of {args.batch_size}, token budget {args.token_budget}, "
-          f"weights {args.dtype}" + (f", compiled (warm-up with compilation: {warm_up:.1f} s)" if args.compile else ""))
+          f"weights {args.dtype}, tokenizer worker processes {args.tokenize_processes} "
+          f"({worker_plan(args.tokenize_processes, device.type == 'cuda')[0]})" + (f", compiled (warm-up with compilation: {warm_up:.1f} s)" if args.compile else ""))
     print(f"plain loop                     {len(texts) / t_plain:9.1f} docs/s")
     print(f"retrieval_lab, end to end      {len(texts) / t_cold:9.1f} docs/s   ratio {t_plain / t_cold:6.2f}x")
     print(f"retrieval_lab, tokenised cache {len(texts) / t_warm:9.1f} docs/s   ratio {t_plain / t_warm:6.2f}x")

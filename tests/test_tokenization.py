@@ -143,3 +143,89 @@ def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_mode
     del tokenizer
     gc.collect()
     assert len(tokenization.BACKENDS) == count - 1
+
+
+TEXTS = ["A protein study of CANCER cells, in the liver.", "gene", "Café au lait [SEP] naïve [MASK] résumé",
+         "ends with [CLS]", "word " * 300, "x" * 900 + " tail", "", "virus and vaccine " * 20]
+
+
+def test_worker_processes_give_the_ids_of_this_process(tiny_model):
+    """Texts tokenised by worker processes (non-ASCII, special tokens' text, long texts, an empty text) get the
+    ids tokenised in this process; a worker learns each tokenizer once; embeddings are the same either way."""
+    from retrieval_lab.models.encoder import Encoder, load_tokenizer
+    from retrieval_lab.retrieval.encoding import encode_texts
+    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    texts = TEXTS * 3
+    for max_length in (16, 64):
+        expected = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        chunks = list(TokenCache().stream(tokenizer, texts, max_length, chunk=8, processes=2))
+        assert len(chunks) > 2 and len(PROCESSES.workers) >= 2
+        assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == dict(enumerate(expected))
+    assert all(len(worker.known) >= 1 for worker in PROCESSES.workers)
+    encoder = Encoder(str(tiny_model), doc_max_length=32)
+    here = encode_texts(encoder, texts, "doc", progress=False, cache=None, tokenize_processes=0)
+    workers = encode_texts(encoder, texts, "doc", progress=False, cache=None, tokenize_processes=2)
+    assert np.array_equal(here, workers)
+
+
+def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model):
+    """A worker killed between encodings: the texts it was sent are tokenised here, with a warning naming it;
+    the next encoding starts a new worker. A worker that cannot tokenise answers with the error."""
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval.tokenization import (PROCESSES, TokenCache, TokenizerProcess, WorkerError,
+                                                      rust_tokenizer)
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    expected = dict(enumerate(tokenizer(TEXTS, truncation=True, max_length=16)["input_ids"]))
+    PROCESSES.close()
+    list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
+    (worker,) = PROCESSES.workers
+    worker.process.kill()
+    worker.process.wait()
+    with pytest.warns(UserWarning, match=f"worker process {worker.process.pid} stopped"):
+        chunks = list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
+    assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == expected
+    list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
+    assert len(PROCESSES.workers) == 1 and PROCESSES.workers[0] is not worker and PROCESSES.workers[0].alive()
+    backend = rust_tokenizer(tokenizer, 16)
+    broken = TokenizerProcess(1)
+    try:
+        with pytest.raises(WorkerError, match="Exception"):  # settings that are not a tokenizer
+            broken.ids(type("Fake", (), {"key": "k", "settings": "{}", "max_length": 16, "direction": "right"}), ["a"])
+        assert broken.alive()  # and still at work
+        assert broken.ids(backend, TEXTS[:2]).lengths.tolist() == [len(expected[0]), len(expected[1])]
+    finally:
+        broken.close()
+    assert not broken.alive()
+
+
+def test_worker_plan_leaves_a_core_to_the_gpu_process(monkeypatch):
+    """auto: no workers on a CPU; on a GPU one per 3 cores (at most 4), the other cores shared among them, one core
+    left over; the cores are split among the processes of a distributed run on this machine."""
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.retrieval import tokenization
+
+    monkeypatch.setattr(tokenization.os, "sched_getaffinity", lambda pid: set(range(16)))
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert tokenization.worker_plan("auto", cuda=False)[0] == 0
+    assert tokenization.worker_plan("auto", cuda=True) == (4, 3)  # 4 x 3 threads of 16 cores
+    assert tokenization.worker_plan(2, cuda=True) == (2, 7)
+    assert tokenization.worker_plan(0, cuda=True)[0] == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")  # Lightning's DDP on 2 GPUs: 8 cores each
+    assert tokenization.worker_plan("auto", cuda=True) == (2, 3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun on 4 GPUs: 4 cores each
+    assert tokenization.worker_plan("auto", cuda=True) == (1, 3)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(tokenization.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert tokenization.worker_plan("auto", cuda=True) == (1, 1)
+    for bad in (-1, "two", 1.5, True):
+        with pytest.raises(ConfigError, match="retriever.tokenize_processes"):
+            tokenization.worker_plan(bad, cuda=True)
+    from retrieval_lab.retrieval.dense import DenseRetriever
+
+    with pytest.raises(ConfigError, match="retriever.tokenize_processes"):  # when the retriever is made
+        DenseRetriever(object(), device="cpu", tokenize_processes="many")

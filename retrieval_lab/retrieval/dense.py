@@ -8,6 +8,7 @@ import torch
 from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.retrieval.encoding import encode_texts, pick_device
+from retrieval_lab.retrieval.tokenization import PROCESSES, worker_plan
 
 
 class TorchIndex:
@@ -78,18 +79,22 @@ class DenseRetriever:
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
-                 compile: bool | str = False, group=None):
+                 compile: bool | str = False, group=None, tokenize_processes: int | str = "auto"):
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
-        self.group = group
+        self.group, self.tokenize_processes = group, tokenize_processes
         device = pick_device(device)
+        processes, threads = worker_plan(tokenize_processes, device is not None and torch.device(device).type == "cuda")
+        if processes:  # started now, so that they import while CUDA starts and the corpus loads
+            PROCESSES.start(processes, threads)
         if device is not None:
             self.encoder.to(device)
         self.device = device
 
     def encode(self, texts: list[str], side: str, desc: str) -> np.ndarray:
         return encode_texts(self.encoder, texts, side, self.batch_size, self.device, self.progress, desc=desc,
-                            token_budget=self.token_budget, dtype=self.dtype, compile=self.compile)
+                            token_budget=self.token_budget, dtype=self.dtype, compile=self.compile,
+                            tokenize_processes=self.tokenize_processes)
 
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, TokenCache
+from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, TokenCache, worker_plan
 
 
 def pick_device(device: str | None) -> str | None:
@@ -65,15 +65,18 @@ def compiled(encoder, backend: str = "inductor"):
 def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, device: str | torch.device | None = None,
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
                  cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
-                 dtype: torch.dtype | str | None = "auto", compile: bool | str = False) -> np.ndarray:
+                 dtype: torch.dtype | str | None = "auto", compile: bool | str = False,
+                 tokenize_processes: int | str = "auto") -> np.ndarray:
     """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
     and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
     ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
     of the encoder with its weights in that type, without autocast. ``compile``: run the towers through
     ``torch.compile`` (True: inductor; or a backend's name); the first call compiles, which pays off only on
-    large corpora, and a dtype copy is compiled anew at each call. On a GPU batches are copied asynchronously,
-    and embeddings wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while
-    the GPU runs (no synchronisation per batch)."""
+    large corpora, and a dtype copy is compiled anew at each call. ``tokenize_processes``: texts not yet
+    tokenised are tokenised by that many worker processes (0: a thread of this process; ``auto``: 0 on a CPU, a
+    few on a GPU; see ``tokenization.worker_plan``). On a GPU batches are copied asynchronously, and embeddings
+    wait there and come back ``flush_rows`` at a time, so the CPU prepares the next batches while the GPU runs
+    (no synchronisation per batch)."""
     device = torch.device(device) if device else next(encoder.parameters()).device
     cuda = device.type == "cuda"
     autocast = dtype == "auto" and cuda
@@ -83,6 +86,7 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
         if dtype not in DTYPES:
             raise ConfigError(f"retriever.dtype must be 'auto' or one of {', '.join(DTYPES)}, got '{dtype}'.")
         dtype = DTYPES[dtype]
+    processes, _ = worker_plan(tokenize_processes, cuda)
     model = with_dtype(encoder, dtype)
     if compile:
         model = compiled(model, "inductor" if compile is True else compile)
@@ -101,7 +105,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
     model.eval()
     try:
         bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
-        for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length):
+        for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length,
+                                                                  processes=processes):
             for rows in token_batches(ids.lengths, batch_size, token_budget):
                 inputs = ids.pad(rows, pad_id)
                 if cuda:

@@ -1,12 +1,19 @@
 """Tokenising many texts, fast, without torch: the Rust tokenizer on every core, from a prefix of long texts when
 that gives the same ids, ASCII texts normalised in Python; token ids kept flat in numpy arrays; a cache that
-tokenises a corpus once (in the background while the model encodes) and can keep it on disk for later runs."""
+tokenises a corpus once (in the background, in a thread or in worker processes, while the model encodes) and can
+keep it on disk for later runs."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
 import json
 import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
 import warnings
 import weakref
 import zipfile
@@ -35,7 +42,10 @@ class RustTokenizer:
         self.full = Tokenizer.from_str(backend.to_str())
         self.full.no_padding()
         self.full.enable_truncation(max_length, direction=direction)
-        config = json.loads(self.full.to_str())
+        self.max_length, self.direction = max_length, direction
+        self.settings = self.full.to_str()  # vocabulary, normaliser, truncation, ...: what a worker process rebuilds
+        self.key = hashlib.blake2b(self.settings.encode(), digest_size=16).hexdigest()
+        config = json.loads(self.settings)
         self.bare = None
         if (config["normalizer"] or {}).get("type") == "BertNormalizer" and not any(
                 token["normalized"] for token in config["added_tokens"]):
@@ -173,6 +183,150 @@ def tokenize_padded(tokenizer, texts: list[str], max_length: int | None):
     return BatchEncoding(ids.pad(np.arange(len(texts)), tokenizer.pad_token_id or 0))
 
 
+# ---- worker processes: tokenisation that takes neither the GIL nor the cores of the process driving the GPU ----
+WORKER = "from retrieval_lab.retrieval.tokenization import serve; serve()"
+
+
+def serve() -> None:
+    """The loop of a tokenizer worker process: read pickled requests ``(key, tokenizer or None, texts)`` on stdin,
+    answer each with ``("ok", flat, offsets)`` (a :class:`TokenIds`) or ``("error", message)`` on stdout. The
+    first request with a tokenizer ``key`` carries the tokenizer (its settings, maximum length and truncation
+    side); the worker keeps it. Ends when stdin closes (the parent exited or closed it)."""
+    import signal
+
+    from tokenizers import Tokenizer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the parent, whose exit closes stdin
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to stderr, never into the replies
+    requests, backends = sys.stdin.buffer, {}
+    while True:
+        try:
+            key, new, texts = pickle.load(requests)
+        except EOFError:
+            return
+        try:
+            if new is not None:
+                settings, max_length, direction = new
+                backends[key] = RustTokenizer(Tokenizer.from_str(settings), max_length, direction)
+            ids = TokenIds.from_lists(tokenize_ids(backends[key], texts, backends[key].max_length))
+            reply = ("ok", ids.flat, ids.offsets)
+        except Exception as err:  # noqa: BLE001 - reported to the parent, which tokenises those texts itself
+            reply = ("error", f"{type(err).__name__}: {err}")
+        pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
+        replies.flush()
+
+
+class WorkerError(RuntimeError):
+    """A tokenizer worker process failed or answered with an error."""
+
+
+class TokenizerProcess:
+    """One worker process running :func:`serve`, its Rust tokenizer on ``threads`` threads."""
+
+    def __init__(self, threads: int):
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true",
+                   PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.threads, self.known = threads, set()
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, env=env)
+
+    def ids(self, backend: RustTokenizer, texts: list[str]) -> TokenIds:
+        new = None if backend.key in self.known else (backend.settings, backend.max_length, backend.direction)
+        try:
+            pickle.dump((backend.key, new, texts), self.process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.process.stdin.flush()
+            reply = pickle.load(self.process.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError) as err:
+            self.close()
+            raise WorkerError(f"tokenizer worker process {self.process.pid} stopped "
+                              f"(exit code {self.process.poll()}): {err or type(err).__name__}") from None
+        self.known.add(backend.key)
+        if reply[0] != "ok":
+            raise WorkerError(f"tokenizer worker process {self.process.pid}: {reply[1]}")
+        return TokenIds(reply[1], reply[2])
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=5)  # it ends when its stdin closes
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def usable_cores() -> int:
+    """The cores this process may use: shared with the other processes of a distributed run on this machine
+    (``LOCAL_WORLD_SIZE`` as torchrun sets it, else SLURM's tasks per node, else ``WORLD_SIZE`` as Lightning sets
+    it, which counts the processes of every machine and so errs on the side of fewer cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "WORLD_SIZE"):
+        if os.environ.get(name, "").isdigit():
+            return max(1, cores // max(1, int(os.environ[name])))
+    return cores
+
+
+def worker_plan(processes: int | str, cuda: bool) -> tuple[int, int]:
+    """(worker processes, Rust threads each) for ``processes``: a count (0: tokenise in a thread of this process),
+    or ``auto``: none on a CPU, where the model needs the cores itself; with a GPU, one process per 3 cores (at
+    most 4), the cores shared among them, one core left to the process that drives the GPU."""
+    if processes == "auto":
+        processes = 0 if not cuda else max(1, min(4, (usable_cores() - 1) // 3))
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 0:
+        from retrieval_lab.errors import ConfigError
+
+        raise ConfigError(f"retriever.tokenize_processes must be 'auto' or a count of 0 or more, got '{processes}'.")
+    return processes, max(1, (usable_cores() - 1) // max(1, processes))
+
+
+class TokenizerProcesses:
+    """The worker processes of this process, started on first use (about 0.2 s each) and kept until exit; a
+    request takes whichever is idle."""
+
+    def __init__(self):
+        self.lock, self.idle, self.workers = threading.Lock(), queue.Queue(), []
+
+    def start(self, processes: int, threads: int) -> TokenizerProcesses | None:
+        """At least ``processes`` live workers (those started before keep their thread count); None, with a
+        warning, when no worker process can be started."""
+        with self.lock:
+            self.workers = [w for w in self.workers if w.alive()]
+            while len(self.workers) < processes:
+                try:
+                    self.workers.append(TokenizerProcess(threads))
+                except OSError as err:
+                    warnings.warn(f"no tokenizer worker process could be started ({err}); tokenising in a thread.")
+                    break
+                self.idle.put(self.workers[-1])
+            return self if self.workers else None
+
+    def ids(self, backend: RustTokenizer, texts: list[str]) -> TokenIds:
+        worker = self.idle.get()
+        try:
+            return worker.ids(backend, texts)
+        finally:
+            if worker.alive():
+                self.idle.put(worker)
+
+    def close(self) -> None:
+        with self.lock:
+            for worker in self.workers:
+                worker.close()
+            self.workers, self.idle = [], queue.Queue()
+
+
+PROCESSES = TokenizerProcesses()
+atexit.register(PROCESSES.close)
+
+
 class TokenCache:
     """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
     once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
@@ -195,7 +349,7 @@ class TokenCache:
         whose settings name it)."""
         if not self.folder or backend is None:
             return None
-        digest = hashlib.blake2b(backend.full.to_str().encode(), digest_size=16)  # vocabulary, truncation, ...
+        digest = hashlib.blake2b(backend.settings.encode(), digest_size=16)  # vocabulary, truncation, ...
         digest.update(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)).tobytes())  # where each ends
         for start in range(0, len(texts), 4096):
             digest.update("".join(texts[start:start + 4096]).encode("utf-8", "surrogatepass"))
@@ -206,10 +360,11 @@ class TokenCache:
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
-    def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024):
+    def stream(self, tokenizer, texts: list[str], max_length: int, chunk: int = 1024, processes: int = 0):
         """Yield (indices, :class:`TokenIds` of those texts): everything at once when cached, else chunks of up
         to ``chunk`` texts (the first ones smaller), longest (in characters) first, each tokenised while the
-        caller works on the previous one."""
+        caller works on the previous one: in a background thread of this process (``processes=0``), or in that
+        many worker processes (:func:`worker_plan`), which hold neither this process's GIL nor its core."""
         key = (id(tokenizer), max_length, len(texts), hash(tuple(texts)))
         if key in self.entries and self.entries[key][0] is tokenizer:
             self.entries.move_to_end(key)
@@ -232,10 +387,19 @@ class TokenCache:
                 return
         self.misses += 1
 
+        workers = None
+        if processes and backend is not None:
+            workers = PROCESSES.start(*worker_plan(processes, cuda=True))
+
         def tokenize(idx: np.ndarray) -> TokenIds:
             batch = [texts[i] for i in idx]
             if backend is None:
                 return TokenIds.from_lists(tokenizer(batch, truncation=True, max_length=max_length)["input_ids"])
+            if workers is not None:
+                try:
+                    return workers.ids(backend, batch)
+                except WorkerError as err:  # tokenised here instead
+                    warnings.warn(f"{err}; tokenising in this process instead.")
             return TokenIds.from_lists(tokenize_ids(backend, batch, max_length))
 
         order = np.argsort([-len(t) for t in texts], kind="stable")
@@ -244,7 +408,7 @@ class TokenCache:
             chunks.append(order[start:start + size])
             start, size = start + size, min(chunk, 2 * size)
         parts = []
-        with ThreadPoolExecutor(1) as pool:  # the Rust tokenizer releases the GIL and uses every core itself
+        with ThreadPoolExecutor(max(1, processes)) as pool:  # the Rust tokenizer releases the GIL, on every core
             futures = [pool.submit(tokenize, idx) for idx in chunks]
             for idx, future in zip(chunks, futures):
                 parts.append(future.result())
