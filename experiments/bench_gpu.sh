@@ -18,10 +18,13 @@ encode() {
 echo "== python experiments/bench_tokenize.py (every core of this machine)"
 python experiments/bench_tokenize.py --model "$MODEL" --repeat "$REPEAT"
 encode --token-budget 262144 --profile                # and the top GPU kernels of one cached encoding
-echo "== python experiments/bench_overlap.py (does tokenisation overlap with the GPU?)"
-python experiments/bench_overlap.py --model "$MODEL" --repeat "$REPEAT" --docs "$DOCS" 2>&1 | grep -v "Loading weights"
+encode --token-budget 262144 --tokenize-processes 0   # tokenised in a thread instead of worker processes
+echo "== python experiments/bench_overlap.py --processes 0 1 2 4 (does tokenisation overlap with the GPU?)"
+python experiments/bench_overlap.py --model "$MODEL" --repeat "$REPEAT" --docs "$DOCS" --processes 0 1 2 4 2>&1 \
+    | grep -v "Loading weights"
 encode --token-budget 262144 --plain-batch-size 128   # the plain baseline of the first H100 figures
 encode --token-budget 262144 --dtype bfloat16
+encode --token-budget 262144 --dtype float16          # fp16 keeps 3 more mantissa bits than bf16
 encode --token-budget 262144 --compile                # torch.compile (compiled in the untimed warm-up)
 encode
 encode --dtype bfloat16

@@ -44,8 +44,10 @@ def test_bench_encode_runs_and_both_paths_rank_alike(tiny_model, beir_folder):
     import re
 
     out = _run_script("bench_encode.py", "--data", str(beir_folder), "--model", str(tiny_model), "--docs", "0",
-                      "--repeat", "1", "--max-length", "32", "--token-budget", "256", "--profile")
+                      "--repeat", "1", "--max-length", "32", "--token-budget", "256", "--profile",
+                      "--tokenize-processes", "1")
     assert "end to end" in out and "tokenised cache" in out and out.count("ratio") == 2
+    assert "tokenizer worker processes 1 (1)" in out
     assert "Self CPU time total" in out  # --profile: the profiler's table
     assert float(re.search(r"min cosine .*: ([\d.]+)", out).group(1)) >= 0.9999
     plain, ours = map(float, re.search(r"plain ([\d.]+), ours ([\d.]+)", out).groups())
@@ -71,6 +73,7 @@ def test_bench_tokenize_runs_and_its_paths_agree(tiny_model, beir_folder):
 
 
 def test_bench_overlap_runs(tiny_model, beir_folder):
+    """The overlap benchmark on the toy corpus: end to end with tokenisation in a thread and in 2 worker processes."""
     out = _run_script("bench_overlap.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
-                      "--max-length", "16", "--token-budget", "256")
-    assert "end to end (overlapped)" in out and "against no overlap" in out
+                      "--max-length", "16", "--token-budget", "256", "--processes", "0", "2")
+    assert "end to end, 0 proc" in out and "end to end, 2 proc" in out and out.count("against no overlap") == 2
