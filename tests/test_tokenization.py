@@ -170,25 +170,40 @@ def test_worker_processes_give_the_ids_of_this_process(tiny_model):
     assert np.array_equal(here, workers)
 
 
-def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model):
-    """A worker killed between encodings: the texts it was sent are tokenised here, with a warning naming it;
-    the next encoding starts a new worker. A worker that cannot tokenise answers with the error."""
+def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model, monkeypatch):
+    """A worker killed while idle is replaced by the next encoding; one that dies during a request leaves those
+    texts, and the rest, to this process, with a warning naming it; a worker that cannot tokenise answers with the
+    error and goes on."""
     from retrieval_lab.models.encoder import load_tokenizer
     from retrieval_lab.retrieval.tokenization import (PROCESSES, TokenCache, TokenizerProcess, WorkerError,
                                                       rust_tokenizer)
 
     tokenizer = load_tokenizer(str(tiny_model))
     expected = dict(enumerate(tokenizer(TEXTS, truncation=True, max_length=16)["input_ids"]))
+
+    def ids(processes: int) -> dict:
+        return {int(i): x for idx, ids in TokenCache().stream(tokenizer, TEXTS, 16, chunk=2, processes=processes)
+                for i, x in zip(idx, ids)}
+
     PROCESSES.close()
-    list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
+    assert ids(1) == expected
+    (idle,) = PROCESSES.workers
+    idle.process.kill()
+    idle.process.wait()
+    assert ids(1) == expected  # no warning: the stopped worker is replaced before the encoding starts
     (worker,) = PROCESSES.workers
-    worker.process.kill()
-    worker.process.wait()
+    assert worker is not idle and worker.alive()
+    request = TokenizerProcess.ids
+
+    def dies(self, backend, texts):
+        self.process.kill()
+        self.process.wait()
+        return request(self, backend, texts)
+
+    monkeypatch.setattr(TokenizerProcess, "ids", dies)
     with pytest.warns(UserWarning, match=f"worker process {worker.process.pid} stopped"):
-        chunks = list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
-    assert {int(i): x for idx, ids in chunks for i, x in zip(idx, ids)} == expected
-    list(TokenCache().stream(tokenizer, TEXTS, 16, processes=1))
-    assert len(PROCESSES.workers) == 1 and PROCESSES.workers[0] is not worker and PROCESSES.workers[0].alive()
+        assert ids(1) == expected
+    monkeypatch.undo()
     backend = rust_tokenizer(tokenizer, 16)
     broken = TokenizerProcess(1)
     try:

@@ -309,7 +309,16 @@ class TokenizerProcesses:
             return self if self.workers else None
 
     def ids(self, backend: RustTokenizer, texts: list[str]) -> TokenIds:
-        worker = self.idle.get()
+        """``texts`` tokenised by the next idle live worker (WorkerError: it failed, or none is left)."""
+        while True:
+            if not any(w.alive() for w in self.workers):
+                raise WorkerError("no tokenizer worker process is left")
+            try:
+                worker = self.idle.get(timeout=0.5)
+            except queue.Empty:  # all at work: wait on
+                continue
+            if worker.alive():  # one that stopped while idle is dropped
+                break
         try:
             return worker.ids(backend, texts)
         finally:
