@@ -2,13 +2,17 @@
 plain loop does) against retrieval_lab's tokenisation, measured in the same run.
 
     python experiments/bench_tokenize.py [--data data/scifact] [--model packaged:minilm] [--max-length 256]
-                                         [--repeat 5]
+                                         [--repeat 5] [--processes 0 2 4]
 
 Times, on the whole corpus (title + text), each path --repeat times interleaved and prints the medians:
 - the tokenizer's own call, ``tokenizer(texts, truncation=True, max_length=...)``;
 - ours with every text through the Rust normaliser (prefix tokenisation only);
-- ours (prefix tokenisation, and ASCII texts normalised in Python), which is what corpus encoding runs.
-All three give the same ids (checked here). Rust's thread count follows RAYON_NUM_THREADS (default: every core).
+- ours (prefix tokenisation, and ASCII texts normalised in Python), in one call;
+- ours as corpus encoding runs it, streamed in chunks of up to 1,024 texts (the first ones smaller), for each
+  --processes count: 0 in a background thread, N in N worker processes (warmed up first), which share all
+  cores but one (``tokenization.worker_plan``).
+All paths give the same ids (checked here). In this process, Rust's thread count follows RAYON_NUM_THREADS
+(default: every core).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import numpy as np
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import load_tokenizer
-from retrieval_lab.retrieval.tokenization import RustTokenizer, tokenize_ids
+from retrieval_lab.retrieval.tokenization import RustTokenizer, TokenCache, tokenize_ids, worker_plan
 
 
 def main() -> None:
@@ -29,6 +33,8 @@ def main() -> None:
     parser.add_argument("--model", default="packaged:minilm")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--processes", type=int, nargs="*", default=[0, 2, 4],
+                        help="streamed paths to time: 0 in a thread, N in N worker processes")
     args = parser.parse_args()
     texts = [doc.full_text for doc in BeirDataset(args.data).corpus.values()]
     tokenizer = load_tokenizer(args.model)
@@ -40,6 +46,19 @@ def main() -> None:
         "ours, Rust normaliser": lambda: tokenize_ids(rust_normaliser, texts, args.max_length),
         "ours": lambda: tokenize_ids(ours, texts, args.max_length),
     }
+
+    def streamed(processes: int) -> list[list[int]]:
+        ids = [None] * len(texts)
+        for idx, chunk in TokenCache().stream(tokenizer, texts, args.max_length, processes=processes):
+            for i, x in zip(idx, chunk):
+                ids[i] = x
+        return ids
+
+    for processes in args.processes:
+        streamed(processes)  # starts the worker processes
+        name = "streamed, thread" if processes == 0 else (
+            f"streamed, {processes} proc x {worker_plan(processes, True)[1]} thr")
+        paths[name] = lambda processes=processes: streamed(processes)
     seconds = {name: [] for name in paths}
     results = {}
     for _ in range(args.repeat):
@@ -56,7 +75,7 @@ def main() -> None:
     print(f"{len(texts)} texts ({ascii_share:.0%} ASCII), max length {args.max_length}, medians of {args.repeat}")
     for name, times in seconds.items():
         median = float(np.median(times))
-        print(f"{name:24s} {median:6.3f} s  {len(texts) / median:9.1f} texts/s   ratio {base / median:5.2f}x")
+        print(f"{name:28s} {median:6.3f} s  {len(texts) / median:9.1f} texts/s   ratio {base / median:5.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,10 +66,12 @@ def test_bench_train_runs_with_and_without_caching(tiny_model, beir_folder):
 
 
 def test_bench_tokenize_runs_and_its_paths_agree(tiny_model, beir_folder):
-    """The tokenisation benchmark on the toy corpus: three paths timed (it stops if their ids differ)."""
+    """The tokenisation benchmark on the toy corpus: five paths timed, two of them streamed in a thread and in
+    worker processes (it stops if their ids differ)."""
     out = _run_script("bench_tokenize.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
-                      "--max-length", "8")
-    assert out.count("ratio") == 3 and "60 texts (100% ASCII)" in out
+                      "--max-length", "8", "--processes", "0", "2")
+    assert out.count("ratio") == 5 and "60 texts (100% ASCII)" in out
+    assert "streamed, thread" in out and "streamed, 2 proc" in out
 
 
 def test_bench_overlap_runs(tiny_model, beir_folder):
