@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 7 on one GPU, in one go: tokenisation on the machine's cores, corpus encoding (token budget or fixed
-# batches, autocast or a bf16 copy of the weights), training with and without gradient caching, whether the
-# training data pipeline keeps up with the GPU (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX
-# import leaves free.
+# Issue 7 on one GPU, in one go: tokenisation on the machine's cores (in one call, streamed in a thread and in
+# worker processes), corpus encoding (token budget or fixed batches, autocast or a bf16 / fp16 copy of the weights,
+# tokenised in worker processes or a thread), the ranking each weight dtype gives, training with and without
+# gradient caching, whether the training data pipeline keeps up with the GPU (0 to 8 DataLoader workers), and how
+# much GPU memory BM25's JAX import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
 # DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
@@ -15,8 +16,8 @@ encode() {
     echo "== python experiments/bench_encode.py --docs $DOCS --repeat $REPEAT $*"
     python experiments/bench_encode.py --model "$MODEL" --docs "$DOCS" --repeat "$REPEAT" "$@" 2>&1 | grep -v "Loading weights"
 }
-echo "== python experiments/bench_tokenize.py (every core of this machine)"
-python experiments/bench_tokenize.py --model "$MODEL" --repeat "$REPEAT"
+echo "== python experiments/bench_tokenize.py --processes 0 1 2 4 (every core of this machine)"
+python experiments/bench_tokenize.py --model "$MODEL" --repeat "$REPEAT" --processes 0 1 2 4
 encode --token-budget 262144 --profile                # and the top GPU kernels of one cached encoding
 encode --token-budget 262144 --tokenize-processes 0   # tokenised in a thread instead of worker processes
 echo "== python experiments/bench_overlap.py --processes 0 1 2 4 (does tokenisation overlap with the GPU?)"
@@ -25,6 +26,8 @@ python experiments/bench_overlap.py --model "$MODEL" --repeat "$REPEAT" --docs "
 encode --token-budget 262144 --plain-batch-size 128   # the plain baseline of the first H100 figures
 encode --token-budget 262144 --dtype bfloat16
 encode --token-budget 262144 --dtype float16          # fp16 keeps 3 more mantissa bits than bf16
+echo "== python experiments/dtype_ranking.py (nDCG@10 of float32, autocast, bf16 and fp16 weights)"
+python experiments/dtype_ranking.py --model "$MODEL" --docs "$DOCS" 2>&1 | grep -v "Loading weights"
 encode --token-budget 262144 --compile                # torch.compile (compiled in the untimed warm-up)
 encode
 encode --dtype bfloat16

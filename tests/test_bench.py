@@ -79,3 +79,14 @@ def test_bench_overlap_runs(tiny_model, beir_folder):
     out = _run_script("bench_overlap.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
                       "--max-length", "16", "--token-budget", "256", "--processes", "0", "2")
     assert "end to end, 0 proc" in out and "end to end, 2 proc" in out and out.count("against no overlap") == 2
+
+
+def test_dtype_ranking_runs_against_float32(tiny_model, beir_folder):
+    """The dtype check on the toy corpus: float32 is its own reference; a bf16 copy is close to it."""
+    import re
+
+    out = _run_script("dtype_ranking.py", "--data", str(beir_folder), "--model", str(tiny_model), "--max-length",
+                      "32", "--dtypes", "bfloat16")
+    cosines = dict(re.findall(r"^(\w+) +nDCG@10 [\d.]+ +min cosine to float32 ([\d.]+)", out, re.M))
+    assert list(cosines) == ["float32", "bfloat16"] and float(cosines["float32"]) > 0.99999
+    assert 0.99 < float(cosines["bfloat16"]) < 1
