@@ -105,7 +105,8 @@ def main() -> None:
     print(f"device {device}, {len(texts)} documents, max length {args.max_length}; plain loop: batches of "
           f"{args.plain_batch_size}; ours: batches of {args.batch_size}, token budget {args.token_budget}, "
           f"weights {args.dtype}, tokenizer worker processes {args.tokenize_processes} "
-          f"({worker_plan(args.tokenize_processes, device.type == 'cuda')[0]})" + (f", compiled (warm-up with compilation: {warm_up:.1f} s)" if args.compile else ""))
+          f"({worker_plan(args.tokenize_processes, device.type == 'cuda')[0]})"
+          + (f", compiled (warm-up with compilation: {warm_up:.1f} s)" if args.compile else ""))
     print(f"plain loop                     {len(texts) / t_plain:9.1f} docs/s")
     print(f"retrieval_lab, end to end      {len(texts) / t_cold:9.1f} docs/s   ratio {t_plain / t_cold:6.2f}x")
     print(f"retrieval_lab, tokenised cache {len(texts) / t_warm:9.1f} docs/s   ratio {t_plain / t_warm:6.2f}x")

@@ -84,7 +84,8 @@ class DenseRetriever:
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         self.group, self.tokenize_processes = group, tokenize_processes
         device = pick_device(device)
-        processes, threads = worker_plan(tokenize_processes, device is not None and torch.device(device).type == "cuda")
+        cuda = device is not None and torch.device(device).type == "cuda"
+        processes, threads = worker_plan(tokenize_processes, cuda)
         if processes:  # started now, so that they import while CUDA starts and the corpus loads
             PROCESSES.start(processes, threads)
         if device is not None:

@@ -417,7 +417,7 @@ class TokenCache:
             chunks.append(order[start:start + size])
             start, size = start + size, min(chunk, 2 * size)
         parts = []
-        with ThreadPoolExecutor(max(1, processes)) as pool:  # the Rust tokenizer releases the GIL, on every core
+        with ThreadPoolExecutor(max(1, processes)) as pool:  # waiting on the Rust tokenizer or a worker: no GIL held
             futures = [pool.submit(tokenize, idx) for idx in chunks]
             for idx, future in zip(chunks, futures):
                 parts.append(future.result())
