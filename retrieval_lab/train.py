@@ -26,9 +26,9 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
-from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
+from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
 
 
 def hydra_job() -> dict:

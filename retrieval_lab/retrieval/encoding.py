@@ -105,8 +105,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
     model.eval()
     try:
         bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
-        for chunk, ids in (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length,
-                                                                  processes=processes):
+        stream = (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length, processes=processes)
+        for chunk, ids in stream:
             for rows in token_batches(ids.lengths, batch_size, token_budget):
                 inputs = ids.pad(rows, pad_id)
                 if cuda:

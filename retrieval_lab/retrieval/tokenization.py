@@ -49,7 +49,7 @@ class RustTokenizer:
         self.bare = None
         if (config["normalizer"] or {}).get("type") == "BertNormalizer" and not any(
                 token["normalized"] for token in config["added_tokens"]):
-            self.bare = Tokenizer.from_str(self.full.to_str())
+            self.bare = Tokenizer.from_str(self.settings)
             self.bare.normalizer = None
             self.ascii_forms = {c: self.full.normalizer.normalize_str(chr(c)) for c in range(128)}
             self.specials = [token["content"] for token in config["added_tokens"]]
