@@ -2,6 +2,8 @@
 copies, the token cache's folder, tokenisation in worker processes."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -214,6 +216,45 @@ def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model, monkey
     finally:
         broken.close()
     assert not broken.alive()
+
+
+def tokenise_in_a_forked_child(tokenizer, results) -> None:
+    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+
+    inherited = list(PROCESSES.workers)
+    ids = {int(i): x for idx, chunk in TokenCache().stream(tokenizer, TEXTS, 16, chunk=2, processes=1)
+           for i, x in zip(idx, chunk)}
+    results.put((len(inherited), [w.process.pid for w in PROCESSES.workers], ids))
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone(tiny_model):
+    """A child forked while the parent has workers (a DataLoader worker, a forked DDP rank) does not talk to them,
+    which would mix its requests with the parent's: it starts its own, gets the right ids, and the parent's
+    workers go on answering the parent."""
+    import multiprocessing
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    expected = dict(enumerate(tokenizer(TEXTS, truncation=True, max_length=16)["input_ids"]))
+
+    def ids() -> dict:
+        return {int(i): x for idx, chunk in TokenCache().stream(tokenizer, TEXTS, 16, chunk=2, processes=1)
+                for i, x in zip(idx, chunk)}
+
+    assert ids() == expected
+    parents = [w.process.pid for w in PROCESSES.workers]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=tokenise_in_a_forked_child, args=(tokenizer, results))
+    child.start()
+    inherited, pids, child_ids = results.get(timeout=60)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and inherited == 0
+    assert child_ids == expected and pids and not set(pids) & set(parents)
+    assert ids() == expected and [w.process.pid for w in PROCESSES.workers] == parents
 
 
 def test_worker_plan_leaves_a_core_to_the_gpu_process(monkeypatch):

@@ -331,9 +331,26 @@ class TokenizerProcesses:
                 worker.close()
             self.workers, self.idle = [], queue.Queue()
 
+    def forget(self) -> None:
+        """In a child forked from this process (a DataLoader worker, a forked DDP rank): let go of the parent's
+        workers, which only the parent may talk to, and start its own when it needs any. This process's copies of
+        their pipes are pointed at /dev/null, so that nothing here reaches a worker (not even a half-written
+        request in a buffer) and a worker still ends when the parent closes its end."""
+        null = os.open(os.devnull, os.O_RDWR)
+        for worker in self.workers:
+            for stream in (worker.process.stdin, worker.process.stdout):
+                try:
+                    os.dup2(null, stream.fileno())
+                except (OSError, ValueError):  # already closed
+                    pass
+        os.close(null)
+        self.lock, self.idle, self.workers = threading.Lock(), queue.Queue(), []
+
 
 PROCESSES = TokenizerProcesses()
 atexit.register(PROCESSES.close)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=PROCESSES.forget)
 
 
 class TokenCache:
