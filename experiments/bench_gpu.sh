@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7 on one GPU, in one go: tokenisation on the machine's cores (in one call, streamed in a thread and in
-# worker processes), corpus encoding (token budget or fixed batches, autocast or a bf16 / fp16 copy of the weights,
-# tokenised in worker processes or a thread), the ranking each weight dtype gives, training with and without
-# gradient caching, whether the training data pipeline keeps up with the GPU (0 to 8 DataLoader workers), and how
-# much GPU memory BM25's JAX import leaves free.
+# worker processes; how much each holds up a thread launching work), corpus encoding (token budget or fixed
+# batches, autocast or a bf16 / fp16 copy of the weights, tokenised in worker processes or a thread), the ranking
+# each weight dtype gives, training with and without gradient caching, whether the training data pipeline keeps up
+# with the GPU (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
 # DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
@@ -18,6 +18,11 @@ encode() {
 }
 echo "== python experiments/bench_tokenize.py --processes 0 1 2 4 (every core of this machine)"
 python experiments/bench_tokenize.py --model "$MODEL" --repeat "$REPEAT" --processes 0 1 2 4
+for threads in 1 "$(nproc)"; do  # does tokenisation in a thread hold up the thread that launches the kernels?
+    echo "== python experiments/bench_gil.py --rust-threads $threads"
+    python experiments/bench_gil.py --model "$MODEL" --repeat "$REPEAT" --rust-threads "$threads" 2>&1 \
+        | grep -v "Loading weights"
+done
 encode --token-budget 262144 --profile                # and the top GPU kernels of one cached encoding
 encode --token-budget 262144 --tokenize-processes 0   # tokenised in a thread instead of worker processes
 echo "== python experiments/bench_overlap.py --processes 0 1 2 4 (does tokenisation overlap with the GPU?)"

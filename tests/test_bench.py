@@ -90,3 +90,14 @@ def test_dtype_ranking_runs_against_float32(tiny_model, beir_folder):
     cosines = dict(re.findall(r"^(\w+) +nDCG@10 [\d.]+ +min cosine to float32 ([\d.]+)", out, re.M))
     assert list(cosines) == ["float32", "bfloat16"] and float(cosines["float32"]) > 0.99999
     assert 0.99 < float(cosines["bfloat16"]) < 1
+
+
+def test_bench_gil_runs(tiny_model, beir_folder):
+    """The GIL benchmark on the toy corpus: launches counted with tokenisation in a thread and in a worker, each as
+    a fraction of launching alone."""
+    import re
+
+    out = _run_script("bench_gil.py", "--data", str(beir_folder), "--model", str(tiny_model), "--repeat", "1",
+                      "--max-length", "16")
+    ratios = re.findall(r"tokenising in a (thread|worker process) +launches +([\d.]+)x of alone", out)
+    assert [name for name, _ in ratios] == ["thread", "worker process"] and all(float(r) > 0 for _, r in ratios)
