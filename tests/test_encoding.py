@@ -84,3 +84,29 @@ def test_compiled_encoding_equals_the_plain_one_and_leaves_the_encoder_alone(tin
     assert view is encoding.compiled(encoder, "eager") and view.query_model is not encoder.query_model
     assert type(encoder.query_model).__name__ == "BertModel" and encoder.training
     assert view.query_model._orig_mod is encoder.query_model  # the same weights
+
+
+def test_an_encoding_that_fails_stops_tokenising_in_the_background(encoder, monkeypatch):
+    """When the model fails on the first batch (out of memory, Ctrl-C), the chunks not yet begun are never
+    tokenised: the background thread does not go on through the corpus after the error."""
+    import time
+
+    from retrieval_lab.retrieval import tokenization
+
+    done, tokenize_ids = [], tokenization.tokenize_ids
+
+    def slow(*args):  # each chunk takes 50 ms, as a chunk of long texts would
+        done.append(1)
+        time.sleep(0.05)
+        return tokenize_ids(*args)
+
+    def fails(inputs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(tokenization, "tokenize_ids", slow)
+    monkeypatch.setattr(encoder, "encode_docs", fails)
+    with pytest.raises(RuntimeError, match="out of memory") as failure:
+        encode_texts(encoder, [f"text number {i}" for i in range(2000)], "doc", progress=False, cache=None,
+                     tokenize_processes=0)
+    time.sleep(0.5)  # time for the rest, were the thread still at work
+    assert 1 <= len(done) <= 2 and failure.value  # of 5 chunks: 128, 256, 512, 1,024 and 80 texts

@@ -218,6 +218,33 @@ def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model, monkey
     assert not broken.alive()
 
 
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_caller_that_stops_early_does_not_wait_for_the_rest_of_the_corpus(tiny_model, monkeypatch, processes):
+    """An encoding that stops after its first chunk (an error, Ctrl-C) leaves the chunks not yet begun untokenised,
+    in a thread or in worker processes, and caches nothing."""
+    import time
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import tokenization
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    done, request, tokenize_ids = [], tokenization.PROCESSES.ids, tokenization.tokenize_ids
+
+    def slow(tokenise):  # each chunk takes 50 ms, as a chunk of long texts would
+        return lambda *args: done.append(1) or time.sleep(0.05) or tokenise(*args)
+
+    if processes:
+        monkeypatch.setattr(tokenization.PROCESSES, "ids", slow(request))
+    else:
+        monkeypatch.setattr(tokenization, "tokenize_ids", slow(tokenize_ids))
+    cache = tokenization.TokenCache()
+    stream = cache.stream(tokenizer, [f"text number {i}" for i in range(2000)], 16, chunk=8, processes=processes)
+    next(stream)
+    stream.close()
+    assert 1 <= len(done) <= 1 + 2 * max(1, processes) and not cache.entries  # of 251 chunks
+    assert len(list(cache.stream(tokenizer, ["a", "b"], 16, processes=processes))) == 1  # and it works on
+
+
 def tokenise_in_a_forked_child(tokenizer, results) -> None:
     from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
 

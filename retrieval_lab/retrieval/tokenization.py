@@ -434,11 +434,14 @@ class TokenCache:
             chunks.append(order[start:start + size])
             start, size = start + size, min(chunk, 2 * size)
         parts = []
-        with ThreadPoolExecutor(max(1, processes)) as pool:  # waiting on the Rust tokenizer or a worker: no GIL held
+        pool = ThreadPoolExecutor(max(1, processes))  # waiting on the Rust tokenizer or a worker: no GIL held
+        try:
             futures = [pool.submit(tokenize, idx) for idx in chunks]
             for idx, future in zip(chunks, futures):
                 parts.append(future.result())
                 yield idx, parts[-1]
+        finally:  # a caller that stops early (an error, Ctrl-C) waits for the chunks at work, not for the rest
+            pool.shutdown(cancel_futures=True)
         ids = TokenIds.concat(parts)  # texts in the order tokenised
         self.store(key, tokenizer, order, ids)
         if file is not None:  # written under a temporary name, then renamed: a reader never sees half a file
