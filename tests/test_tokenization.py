@@ -220,8 +220,9 @@ def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model, monkey
 
 @pytest.mark.parametrize("processes", [0, 2])
 def test_a_caller_that_stops_early_does_not_wait_for_the_rest_of_the_corpus(tiny_model, monkeypatch, processes):
-    """An encoding that stops after its first chunk (an error, Ctrl-C) leaves the chunks not yet begun untokenised,
-    in a thread or in worker processes, and caches nothing."""
+    """A caller that stops taking chunks after the first (a thread frozen at exit) has each tokenizer (a thread, or
+    worker processes) tokenise at most two chunks ahead; one that stops early (an error, Ctrl-C) leaves the chunks
+    not yet begun untokenised and caches nothing."""
     import time
 
     from retrieval_lab.models.encoder import load_tokenizer
@@ -240,8 +241,12 @@ def test_a_caller_that_stops_early_does_not_wait_for_the_rest_of_the_corpus(tiny
     cache = tokenization.TokenCache()
     stream = cache.stream(tokenizer, [f"text number {i}" for i in range(2000)], 16, chunk=8, processes=processes)
     next(stream)
+    time.sleep(0.5)  # time for 10 chunks per tokenizer, were they not held back
+    ahead = len(done)
+    assert 1 <= ahead <= 1 + 2 * max(1, processes)  # of 251 chunks
     stream.close()
-    assert 1 <= len(done) <= 1 + 2 * max(1, processes) and not cache.entries  # of 251 chunks
+    time.sleep(0.2)
+    assert len(done) == ahead and not cache.entries
     assert len(list(cache.stream(tokenizer, ["a", "b"], 16, processes=processes))) == 1  # and it works on
 
 

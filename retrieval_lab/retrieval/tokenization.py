@@ -17,7 +17,7 @@ import threading
 import warnings
 import weakref
 import zipfile
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -433,14 +433,22 @@ class TokenCache:
         while start < len(order):
             chunks.append(order[start:start + size])
             start, size = start + size, min(chunk, 2 * size)
-        parts = []
-        pool = ThreadPoolExecutor(max(1, processes))  # waiting on the Rust tokenizer or a worker: no GIL held
+        # Each tokenizer (thread or worker) has a chunk at work and one waiting, no more: a caller that stops early
+        # (an error, Ctrl-C), or a thread frozen at exit (an ANCE refresh), waits for those, not for the corpus.
+        lanes, pending, ahead, parts = max(1, processes), iter(chunks), deque(), []
+        pool = ThreadPoolExecutor(lanes)  # waiting on the Rust tokenizer or a worker: no GIL held
+
+        def submit(count: int) -> None:
+            ahead.extend((idx, pool.submit(tokenize, idx)) for idx in itertools.islice(pending, count))
+
         try:
-            futures = [pool.submit(tokenize, idx) for idx in chunks]
-            for idx, future in zip(chunks, futures):
+            submit(2 * lanes)
+            while ahead:
+                idx, future = ahead.popleft()
+                submit(1)  # the tokenizers stay busy while the caller works on this chunk
                 parts.append(future.result())
                 yield idx, parts[-1]
-        finally:  # a caller that stops early (an error, Ctrl-C) waits for the chunks at work, not for the rest
+        finally:
             pool.shutdown(cancel_futures=True)
         ids = TokenIds.concat(parts)  # texts in the order tokenised
         self.store(key, tokenizer, order, ids)
