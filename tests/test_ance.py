@@ -78,6 +78,28 @@ def test_training_never_sees_a_half_built_table(tiny_model, beir_folder):
     assert len(set(seen_versions)) >= 3
 
 
+class FailingRefresh(AnceRefresh):
+    def build_table(self, encoder):
+        raise MemoryError("CUDA out of memory while encoding the corpus")
+
+
+def test_a_failed_refresh_stops_training_with_its_cause(tiny_model, beir_folder):
+    """A refresh that fails in the background stops training at the next step with the error, instead of leaving
+    training to go on with negatives that would never be refreshed again."""
+    import pytest
+
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d58", "d59"])
+    encoder = Encoder(str(tiny_model))
+    data_module = RetrievalDataModule(train_set, GroupCollator(encoder.tokenizer, 16, 16), batch_size=4)
+    trainer = L.Trainer(max_epochs=20, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[FailingRefresh(train_set, every_n_steps=2)])
+    with pytest.raises(RuntimeError, match="ANCE refresh begun at step 2 failed .*MemoryError: CUDA out of memory"):
+        trainer.fit(BiEncoderModule(encoder, InfoNCELoss()), datamodule=data_module)
+    assert trainer.global_step < 20 * len(data_module.train_dataloader())
+
+
 def test_the_table_in_use_travels_with_the_checkpoint(beir_folder, bm25_negatives, tmp_path):
     """AnceRefresh's state (saved in every Lightning checkpoint) holds the current negatives; loading it (with
     torch.load's weights_only, as Lightning does) puts that table back into a fresh training set."""

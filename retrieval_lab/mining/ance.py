@@ -58,10 +58,12 @@ class AnceRefresh(L.Callback):
 
     def _refresh(self, encoder, step: int) -> None:
         start = time.perf_counter()
-        table = self.build_table(encoder)
-        seconds = time.perf_counter() - start
+        try:
+            ready = {"table": self.build_table(encoder), "step": step}
+        except Exception as err:  # noqa: BLE001 - raised in the training loop by swap_if_ready
+            ready = {"error": err, "step": step}
         with self._lock:
-            self._ready = {"table": table, "step": step, "seconds": seconds}
+            self._ready = dict(ready, seconds=time.perf_counter() - start)
 
     # -- Lightning hooks (main thread) --
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -107,6 +109,10 @@ class AnceRefresh(L.Callback):
         with self._lock:
             ready, self._ready = self._ready, None
         self._in_flight = False
+        if "error" in ready:  # stop training rather than go on with negatives that are never refreshed again
+            err = ready["error"]
+            raise RuntimeError(f"the ANCE refresh begun at step {ready['step']} failed after {ready['seconds']:.1f} s: "
+                               f"{type(err).__name__}: {err}") from err
         old = self.train_set.negatives
         changed = sum(len(set(ready["table"][q]) - set(old.get(q, []))) for q in ready["table"])
         total = sum(len(v) for v in ready["table"].values())
