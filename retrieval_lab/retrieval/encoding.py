@@ -104,8 +104,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
     was_training = encoder.training
     model.eval()
     stream = (cache or TokenCache()).stream(encoder.tokenizer, texts, max_length, processes=processes)
+    bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
     try:
-        bar = tqdm(total=len(texts), desc=desc or f"encode {side}s", unit="text", disable=not progress, leave=False)
         for chunk, ids in stream:
             for rows in token_batches(ids.lengths, batch_size, token_budget):
                 inputs = ids.pad(rows, pad_id)
@@ -118,8 +118,8 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
                     flush()
                 bar.update(len(rows))
         flush()
-        bar.close()
     finally:
+        bar.close()
         stream.close()  # after an error or Ctrl-C: no more texts tokenised in the background
         encoder.train(was_training)
     return out
