@@ -85,8 +85,8 @@ def main() -> None:
         for name, processes in settings.items():
             runs[name].append(background(processes))
     alone = [rate for rate, _ in runs["alone"]]
-    print(f"{len(texts)} documents, max length {args.max_length}, {args.rust_threads} Rust thread(s), medians of {args.repeat}; "
-          f"launching alone: {statistics.median(alone):,.0f} operations/s")
+    print(f"{len(texts)} documents, max length {args.max_length}, {args.rust_threads} Rust thread(s), "
+          f"medians of {args.repeat}; launching alone: {statistics.median(alone):,.0f} operations/s")
     for name in ("thread", "worker process"):
         ratio = statistics.median(rate / base for (rate, _), base in zip(runs[name], alone))
         seconds = statistics.median(took for _, took in runs[name])
