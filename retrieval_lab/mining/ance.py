@@ -7,12 +7,14 @@ background thread, which encodes the corpus and the training queries with that s
 (``eval.index``: faiss flat by default, or torch), drops the judged positives and builds a complete new
 negatives table. Training goes on meanwhile; the finished table replaces the old one in a single reference
 assignment (``train_set.negatives = table``), so a training step sees either the old table or the new one, never
-a half-written one. Training starts from the negatives file (BM25). With ``num_workers > 0`` worker processes
-hold a copy of the data set and see the new table from the next epoch on.
+a half-written one. A refresh that fails (out of memory, say) stops training at the next step with its error.
+Training starts from the negatives file (BM25). With ``num_workers > 0`` worker processes hold a copy of the data
+set and see the new table from the next epoch on.
 
 Under DDP the refresh is shared out: each process encodes its share of the corpus and of the queries, the
 document embeddings and the mined tables are all-gathered over a gloo group of the refresh's own (training keeps
-the default one), and every process swaps the new table in at the same step, once all of them have it.
+the default one), and every process swaps the new table in at the same step, once all of them have it. Where one
+process's refresh fails before an all-gather, the others wait in it until gloo's timeout, and training stops then.
 """
 from __future__ import annotations
 
