@@ -28,7 +28,7 @@ from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import write_json
-from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
+from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
 
 
 def hydra_job() -> dict:
@@ -78,9 +78,9 @@ def csv_logger(run_dir: Path):
 
 def data_workers(cfg: DictConfig) -> int:
     """``num_workers``, where ``auto`` is 0 on a CPU and with ANCE (a worker would see a refresh only from the next
-    epoch on), else up to 8 per GPU and never more than half the CPU cores. On an H200 at batch 512 the data pipeline
-    made 0.82x the pairs/s of the training step with 0 workers, so the two took turns at about 3,450 pairs/s; with
-    4 workers it made 1.27x, with 8, 2.88x."""
+    epoch on), else up to 8 per GPU and never more than half the CPU cores this process may run on. On an H200 at
+    batch 512 the data pipeline made 0.82x the pairs/s of the training step with 0 workers, so the two took turns at
+    about 3,450 pairs/s; with 4 workers it made 1.27x, with 8, 2.88x."""
     if cfg.num_workers != "auto":
         if not isinstance(cfg.num_workers, int) or cfg.num_workers < 0:
             raise ConfigError(f"num_workers must be auto or a whole number of 0 or more, got '{cfg.num_workers}'.")
@@ -90,7 +90,7 @@ def data_workers(cfg: DictConfig) -> int:
         return 0
     devices = cfg.trainer.get("devices")
     gpus = devices if isinstance(devices, int) and devices > 0 else torch.cuda.device_count()
-    return max(1, min(8, (os.cpu_count() or 1) // (2 * max(1, gpus))))
+    return max(1, min(8, machine_cores() // (2 * max(1, gpus))))
 
 
 def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[RetrievalDataModule, Qrels | None]:

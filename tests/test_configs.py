@@ -83,10 +83,10 @@ def test_num_workers_auto_feeds_gpus_and_stays_off_on_a_cpu_and_with_ance(monkey
     assert workers() == 0 and workers("num_workers=3") == 3
     monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert workers("trainer.devices=1") == 8 and workers("trainer.devices=2") == 4 and workers() == 2  # auto: all 4
     assert workers("trainer.accelerator=cpu") == 0 and workers("negatives=ance") == 0
-    monkeypatch.setattr(train.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert workers() == 1
     for bad in ("num_workers=-1", "num_workers=many"):
         with pytest.raises(ConfigError, match="num_workers"):

@@ -263,11 +263,16 @@ class TokenizerProcess:
             self.process.wait()
 
 
+def machine_cores() -> int:
+    """The cores this process is allowed to run on (its CPU affinity, as SLURM or taskset set it; else every core)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def usable_cores() -> int:
     """The cores this process may use: shared with the other processes of a distributed run on this machine
     (``LOCAL_WORLD_SIZE`` as torchrun sets it, else SLURM's tasks per node, else ``WORLD_SIZE`` as Lightning sets
     it, which counts the processes of every machine and so errs on the side of fewer cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = machine_cores()
     for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "WORLD_SIZE"):
         if os.environ.get(name, "").isdigit():
             return max(1, cores // max(1, int(os.environ[name])))
