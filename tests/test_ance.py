@@ -100,6 +100,23 @@ def test_a_failed_refresh_stops_training_with_its_cause(tiny_model, beir_folder)
     assert trainer.global_step < 20 * len(data_module.train_dataloader())
 
 
+def test_a_refresh_that_fails_after_the_last_step_is_reported(tiny_model, beir_folder):
+    """The last refresh, begun at the last step, finishes after training: its table would not be used, but its
+    failure is still reported (a warning) rather than lost."""
+    import pytest
+
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d58", "d59"])
+    encoder = Encoder(str(tiny_model))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[FailingRefresh(train_set, every_n_steps=2)])
+    with pytest.warns(UserWarning, match="refresh begun at step 2 failed after training ended: MemoryError"):
+        trainer.fit(BiEncoderModule(encoder, InfoNCELoss()),
+                    datamodule=RetrievalDataModule(train_set, GroupCollator(encoder.tokenizer, 16, 16), batch_size=4))
+    assert trainer.global_step == 2
+
+
 def test_the_table_in_use_travels_with_the_checkpoint(beir_folder, bm25_negatives, tmp_path):
     """AnceRefresh's state (saved in every Lightning checkpoint) holds the current negatives; loading it (with
     torch.load's weights_only, as Lightning does) puts that table back into a fresh training set."""

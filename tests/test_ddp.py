@@ -217,3 +217,17 @@ def test_ance_refresh_is_shared_out_and_swapped_in_at_the_same_step(tiny_model, 
         expected = AnceRefresh(pairs, depth=20, n_neg=3, batch_size=16).build_table(encoder.eval())
         assert ranks[0]["built"][refresh]["table"] == expected
     assert ranks[0]["built"][0]["table"] != ranks[0]["built"][1]["table"]  # training moved the negatives
+
+
+def test_a_refresh_that_fails_on_one_process_stops_every_process_at_once(tiny_model, beir_folder, bm25_negatives,
+                                                                        tmp_path):
+    """Process 1 runs out of memory while encoding its share of the corpus for an ANCE refresh. Process 0, whose
+    share encoded fine, learns it at the all-gather instead of waiting there for gloo's timeout (30 minutes): both
+    stop at the same step, soon after the refresh began, each with an error that names process 1's."""
+    run_script("ddp_ance_failure_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] < 20  # 200 steps of at least 0.1 s each, had training gone on
+    for rank in ranks:
+        assert rank["error"].startswith("the ANCE refresh begun at step 2 failed after")
+    assert "process 1 of 2 failed: MemoryError: CUDA out of memory" in ranks[0]["error"]
+    assert ranks[1]["error"].endswith("caused by MemoryError: CUDA out of memory while encoding the corpus")

@@ -14,19 +14,21 @@ set and see the new table from the next epoch on.
 Under DDP the refresh is shared out: each process encodes its share of the corpus and of the queries, the
 document embeddings and the mined tables are all-gathered over a gloo group of the refresh's own (training keeps
 the default one), and every process swaps the new table in at the same step, once all of them have it. Where one
-process's refresh fails before an all-gather, the others wait in it until gloo's timeout, and training stops then.
+process's refresh fails, the others learn it at the next all-gather, and every process stops at the same step (its
+error names the failed process and its error), instead of waiting in that all-gather until gloo's timeout.
 """
 from __future__ import annotations
 
 import copy
 import threading
 import time
+import warnings
 
 import lightning as L
 import torch.distributed as dist
 
 from retrieval_lab.mining.negatives import mine_negatives
-from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world
+from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world, fail_together
 
 
 class AnceRefresh(L.Callback):
@@ -46,12 +48,13 @@ class AnceRefresh(L.Callback):
         rank, world = distributed_rank_world(self.group) if self.group is not None else (0, 1)
         qids = self.train_set.qids[rank::world]
         queries = {q: self.train_set.dataset.queries[q] for q in qids}
-        retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
-                                   group=self.group)
-        run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
-        mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.positives[q]} for q in qids}, self.n_neg,
-                               self.skip_top)
-        table = {q: mined[q].neg if q in mined else [] for q in qids}
+        with fail_together(self.group, world > 1):  # no process left waiting in an all-gather for a failed one
+            retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
+                                       group=self.group)
+            run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
+            mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.positives[q]} for q in qids}, self.n_neg,
+                                   self.skip_top)
+            table = {q: mined[q].neg if q in mined else [] for q in qids}
         if world > 1:
             parts = [None] * world
             dist.all_gather_object(parts, table, group=self.group)
@@ -89,6 +92,10 @@ class AnceRefresh(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._thread is not None:
             self._thread.join()
+        error = (self._ready or {}).get("error")
+        if error is not None:  # the last refresh, whose table training would not have used anyway
+            warnings.warn(f"the ANCE refresh begun at step {self._ready['step']} failed after training ended: "
+                          f"{type(error).__name__}: {error}")
 
     # -- checkpoints: a resumed run trains on the table that was in use (a refresh still running is redone) --
     def state_dict(self) -> dict:

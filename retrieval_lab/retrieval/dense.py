@@ -2,6 +2,8 @@
 index (faiss, or torch on the GPU)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -71,11 +73,35 @@ def distributed_rank_world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+@contextmanager
+def fail_together(group=None, distributed: bool = True):
+    """For a block that every process of ``group`` runs before a collective: an error in it, on any process, is
+    raised on every process as the block ends, instead of leaving the others waiting in that collective until its
+    timeout (30 minutes by default). The failed process raises its own error; the others raise a RuntimeError that
+    names the process and its error. Costs one small all-gather; ``distributed=False``: the block alone."""
+    error = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - raised below, on every process
+        error = err
+    if distributed:
+        import torch.distributed as dist
+
+        reports = [None] * dist.get_world_size(group)
+        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if error is None and failed:
+            rank, report = failed[0]
+            raise RuntimeError(f"process {rank} of {len(reports)} failed: {report}")
+    if error is not None:
+        raise error
+
+
 class DenseRetriever:
     """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one.
     ``shard``: under torch.distributed (validation during DDP training), each process encodes its share of the
     corpus and the shares are all-gathered (over ``group``; None: the default group), so every process must call
-    :meth:`retrieve` at the same time."""
+    :meth:`retrieve` at the same time; where one fails to encode its share, all raise (:func:`fail_together`)."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
@@ -100,7 +126,8 @@ class DenseRetriever:
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
         rank, world = distributed_rank_world(self.group) if self.shard else (0, 1)
-        doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
+        with fail_together(self.group, world > 1):  # a process that fails to encode its share fails them all
+            doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
         if world > 1:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
