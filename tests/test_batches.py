@@ -41,6 +41,36 @@ def test_batch_layout_and_false_negative_mask(shared_positive_data):
     assert not batch["mask"].diagonal().any()  # a query's own target is never masked
 
 
+def test_distillation_masks_every_judged_positive_not_only_the_scored_ones(shared_positive_data):
+    """With teacher scores, positives are drawn only from those the file scores (d2 for q1), but a positive the
+    file leaves unscored (d1, q2's positive) is still no negative of q1 in the batch."""
+    from retrieval_lab.data.negatives import QueryNegatives
+
+    scored = {"q1": "d2", "q2": "d1", "q3": "d3"}
+    negatives = {q: QueryNegatives([p], ["d0"], {p: 9.0, "d0": 1.0}) for q, p in scored.items()}
+    pairs = SupervisedPairs(shared_positive_data, shared_positive_data.qrels("train"), group_size=2,
+                            negatives=negatives, teacher=True)
+    assert pairs.positives["q1"] == ["d2"] and pairs.judged["q1"] == ["d1", "d2"]
+    batch = GroupCollator(None, None, None)([pairs[i] for i in range(3)])
+    assert batch["doc_ids"] == ["d2", "d0", "d1", "d0", "d3", "d0"]
+    expected = torch.zeros(3, 6, dtype=torch.bool)
+    expected[0, 2] = True  # q1 judges d1: not its negative, though the file scores only d2 for it (q2 judges no d2)
+    assert torch.equal(batch["mask"], expected)
+
+
+def test_no_negative_can_be_drawn_when_every_document_is_a_positive(tmp_path):
+    from retrieval_lab.errors import DataError
+
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d0", "text": "a"}\n{"_id": "d1", "text": "b"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q", "text": "a b"}\n')
+    (tmp_path / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq\td0\t1\nq\td1\t1\n")
+    data = BeirDataset(tmp_path)
+    pairs = SupervisedPairs(data, data.qrels("train"), group_size=2, negatives={})
+    with pytest.raises(DataError, match="query q has every document of the corpus as a positive"):
+        pairs[0]
+
+
 def test_collated_inputs_are_the_tokenizers_own():
     """The collator tokenises through the Rust backend copy and pads in numpy: the input ids and attention mask
     are what the tokenizer's own call gives, for texts longer and shorter than the maximum length; a tokenizer that

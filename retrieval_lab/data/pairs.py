@@ -26,14 +26,17 @@ class SupervisedPairs(Dataset):
     gets random corpus documents that are not its positives. With ``balanced_bins`` (TAS-B) the pair is drawn
     uniformly over margin bins of the file's teacher scores instead. With ``teacher`` (distillation losses)
     only documents the file scores are drawn, each example carries their teacher scores, and queries without a
-    scored positive and a scored negative are left out (``skipped`` counts them)."""
+    scored positive and a scored negative are left out (``skipped`` counts them). ``judged`` holds every judged
+    positive of a query (none is ever a negative of it, in its group or in the batch's other groups); ``positives``
+    those a positive is drawn from (with ``teacher``: those the file scores)."""
 
     def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0,
                  negatives: dict[str, QueryNegatives] | None = None, balanced_bins: int | None = None,
                  teacher: bool = False):
         self.dataset, self.group_size, self.seed, self.epoch = dataset, group_size, seed, 0
         self.qids = [q for q in sorted(qrels) if any(s > 0 for s in qrels[q].values())]
-        self.positives = {q: sorted(d for d, s in qrels[q].items() if s > 0) for q in self.qids}
+        self.judged = {q: sorted(d for d, s in qrels[q].items() if s > 0) for q in self.qids}
+        self.positives = dict(self.judged)
         if not self.qids:
             raise DataError(f"the training qrels of {dataset.path} hold no positive judgement (score > 0).")
         if group_size != 1 and negatives is None:
@@ -44,7 +47,7 @@ class SupervisedPairs(Dataset):
         if balanced_bins and group_size != 2:
             raise ConfigError("TAS-B balanced sampling picks one (positive, negative) pair per query: it needs "
                               "negatives.group_size=2.")
-        self.negatives = {q: [d for d in negatives[q].neg if d not in self.positives[q]] if q in negatives else []
+        self.negatives = {q: [d for d in negatives[q].neg if d not in self.judged[q]] if q in negatives else []
                           for q in self.qids} if negatives is not None else {}
         self._doc_ids = list(dataset.corpus)
         self.balanced_bins, self.teacher = balanced_bins, teacher
@@ -53,7 +56,7 @@ class SupervisedPairs(Dataset):
         if teacher:
             for q in self.qids:
                 scored = self.scores.get(q, {})
-                self.positives[q] = [d for d in self.positives[q] if d in scored]
+                self.positives[q] = [d for d in self.judged[q] if d in scored]
                 self.negatives[q] = [d for d in self.negatives[q] if d in scored]
             kept = [q for q in self.qids if self.positives[q] and self.negatives[q]]
             self.skipped = len(self.qids) - len(kept)
@@ -75,10 +78,13 @@ class SupervisedPairs(Dataset):
             return rng.sample(pool, need)
         if pool:
             return [rng.choice(pool) for _ in range(need)]
+        judged = set(self.judged[qid])
+        if len(judged) >= len(self._doc_ids) and not set(self._doc_ids) - judged:
+            raise DataError(f"query {qid} has every document of the corpus as a positive: no negative can be drawn.")
         drawn = []
         while len(drawn) < need:
             doc_id = rng.choice(self._doc_ids)
-            if doc_id not in self.positives[qid]:
+            if doc_id not in judged:
                 drawn.append(doc_id)
         return drawn
 
@@ -97,7 +103,7 @@ class SupervisedPairs(Dataset):
         else:
             doc_ids = [rng.choice(self.positives[qid])] + (self.draw_negatives(qid, rng) if self.group_size > 1 else [])
         example = {"qid": qid, "query": self.dataset.queries[qid], "doc_ids": doc_ids,
-                   "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.positives[qid])}
+                   "docs": [self.dataset.corpus[d].full_text for d in doc_ids], "positives": set(self.judged[qid])}
         if self.teacher:
             example["teacher"] = [self.scores[qid][d] for d in doc_ids]
         return example

@@ -52,7 +52,7 @@ class AnceRefresh(L.Callback):
             retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
                                        group=self.group)
             run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
-            mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.positives[q]} for q in qids}, self.n_neg,
+            mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.judged[q]} for q in qids}, self.n_neg,
                                    self.skip_top)
             table = {q: mined[q].neg if q in mined else [] for q in qids}
         if world > 1:
