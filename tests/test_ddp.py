@@ -37,37 +37,45 @@ def test_moco_gathers_keys_from_all_processes(tiny_model, beir_folder, tmp_path)
     assert not torch.allclose(first_step[:4], first_step[4:])  # the two processes' keys differ
 
 
-@pytest.mark.parametrize("chunk", [0, 2])
-def test_gathered_negatives_equal_the_single_process_batch(chunk, tiny_model, beir_folder, bm25_negatives, tmp_path):
+@pytest.mark.parametrize("chunk,towers", [(0, "shared"), (2, "shared"), (2, "separate")])
+def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, tiny_model, beir_folder, bm25_negatives,
+                                                           tmp_path):
     """Two processes with 3 queries each, scoring against each other's documents (SamToNe, both sides,
     bidirectional: every cross-process interaction counts), give the loss and gradients of one process on the
-    6 queries; with gradient caching (chunk 2) too."""
-    run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk)
+    6 queries, at each of 3 steps; with gradient caching (chunk 2) too, whose backward of a query chunk leaves the
+    document tower without gradient when the towers are separate."""
+    run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk, towers)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert not set(ranks[0]["qids"]) & set(ranks[1]["qids"])
-
-    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32)
+    assert len(ranks[0]) == len(ranks[1]) == 3
+    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32, shared_towers=towers == "shared")
     for m in encoder.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     dataset = BeirDataset(beir_folder)
     qrels = dataset.qrels("train")
-    examples = []
-    for rank in ranks:
-        docs = iter(rank["doc_ids"])
-        for qid in rank["qids"]:
-            ids = [next(docs), next(docs)]
-            examples.append({"qid": qid, "query": dataset.queries[qid], "doc_ids": ids,
-                             "docs": [dataset.corpus[d].full_text for d in ids],
-                             "positives": {d for d, s in qrels[qid].items() if s > 0}})
     module = BiEncoderModule(encoder, SamToNeLoss(0.1, side="both", bidirectional=True), group_size=2)
-    batch = GroupCollator(encoder.tokenizer, 16, 32)(examples)
-    loss = module.loss_from_embeddings([embed(inputs) for embed, inputs in module.towers(batch)], batch)
-    loss.backward()
-    for rank in ranks:
-        assert rank["loss"] == pytest.approx(loss.item(), rel=1e-5)
-        for name, param in module.named_parameters():
-            assert torch.allclose(rank["grads"][name], param.grad, atol=1e-6, rtol=1e-4), name
+    for step in range(3):
+        steps = [rank[step] for rank in ranks]
+        assert not set(steps[0]["qids"]) & set(steps[1]["qids"])
+        for name, weight in steps[0]["weights"].items():
+            assert torch.equal(weight, steps[1]["weights"][name]), (step, name)  # the processes stay in step
+        assert not module.load_state_dict(steps[0]["weights"], strict=False).unexpected_keys
+        module.zero_grad(set_to_none=True)
+        examples = []
+        for rank in steps:
+            docs = iter(rank["doc_ids"])
+            for qid in rank["qids"]:
+                ids = [next(docs), next(docs)]
+                examples.append({"qid": qid, "query": dataset.queries[qid], "doc_ids": ids,
+                                 "docs": [dataset.corpus[d].full_text for d in ids],
+                                 "positives": {d for d, s in qrels[qid].items() if s > 0}})
+        batch = GroupCollator(encoder.tokenizer, 16, 32)(examples)
+        loss = module.loss_from_embeddings([embed(inputs) for embed, inputs in module.towers(batch)], batch)
+        loss.backward()
+        for rank in steps:
+            assert rank["loss"] == pytest.approx(loss.item(), rel=1e-5), step
+            for name, param in module.named_parameters():
+                assert torch.allclose(rank["grads"][name], param.grad, atol=1e-6, rtol=1e-4), (step, name)
 
 
 TRAIN_ARGS = ("data=beir", "batch_size=8", "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.strategy=ddp",

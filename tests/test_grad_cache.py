@@ -156,3 +156,45 @@ def test_grad_cache_trains_through_the_entry_point(negatives, tiny_model, beir_f
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
     log = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in log and "lr-AdamW" in log
+
+
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_cached_steps_clip_like_the_trainer_under_a_loss_scaler(precision, tiny_model, beir_folder):
+    """Gradient caching clips in the module (manual optimisation), the plain path in the Trainer. With a loss
+    scaler (16-mixed, as on a GPU without bf16; here a CPU scaler starting at 1024) both clip the unscaled
+    gradients, so one step moves the weights alike; clipping gradients still multiplied by the scale would shrink
+    the step."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.data.datamodule import RetrievalDataModule
+    from retrieval_lab.data.pairs import SupervisedPairs
+
+    data = BeirDataset(beir_folder)
+
+    class SGDModule(BiEncoderModule):  # a step of -gradient: the update is the clipped gradient itself
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+            return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)}
+
+    def one_step(chunk):
+        L.seed_everything(0)
+        encoder = Encoder(str(tiny_model), query_max_length=16, doc_max_length=32)
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        module = SGDModule(encoder, InfoNCELoss(0.05), grad_cache_chunk=chunk, gradient_clip_val=1.0 if chunk else None)
+        before = [p.detach().clone() for p in module.parameters()]
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1024.0))] \
+            if precision == "16-mixed" else []
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", plugins=plugins, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            gradient_clip_val=None if chunk else 1.0)
+        trainer.fit(module, datamodule=RetrievalDataModule(SupervisedPairs(data, data.qrels("train")),
+                                                           GroupCollator(encoder.tokenizer, 16, 32), batch_size=4))
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(module.parameters(), before)])
+
+    plain, cached = one_step(None), one_step(2)
+    assert plain.norm() == pytest.approx(1.0, rel=1e-3)  # the gradient norm exceeds 1: clipped to 1
+    assert torch.allclose(cached, plain, rtol=1e-2, atol=1e-5)

@@ -1,6 +1,8 @@
 """The bi-encoder LightningModule: encode queries and document groups, score, apply the configured loss."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -17,6 +19,31 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
             return (step + 1) / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
+
+
+def average_gradients(params: list[torch.Tensor], bucket: int = 1 << 24) -> None:
+    """Average the gradients of ``params`` over the processes of torch.distributed (as DDP does), ``bucket``
+    elements per all-reduce. A parameter without gradient counts as a zero gradient (every process runs the
+    same towers, so all have gradients for the same parameters)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    start = 0
+    while start < len(params):
+        end, size = start, 0
+        while end < len(params) and (end == start or size + params[end].numel() <= bucket):
+            size += params[end].numel()
+            end += 1
+        grads = [p.grad for p in params[start:end]]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(synced.view_as(g))
+        start = end
 
 
 class BiEncoderModule(L.LightningModule):
@@ -85,10 +112,18 @@ class BiEncoderModule(L.LightningModule):
         return gathered, out
 
     def backward_step(self, batch: dict) -> torch.Tensor:
-        """Gradient-cached forward and backward of one batch (parameter gradients accumulate); the loss."""
+        """Gradient-cached forward and backward of one batch (parameter gradients accumulate); the loss. Under DDP
+        the backward of every chunk runs without DDP's gradient synchronisation (which expects every parameter in
+        every backward: a query chunk leaves a separate document tower, or RocketQA's ranker, without gradient),
+        and the accumulated gradients are then averaged over the processes once (:func:`average_gradients`)."""
         backward = self.manual_backward if self._trainer is not None else torch.Tensor.backward
-        return grad_cached_backward(self.towers(batch), lambda emb: self.global_loss(emb, batch),
-                                    self.grad_cache_chunk, backward)
+        ddp = self._trainer is not None and self.trainer.world_size > 1
+        with self.trainer.model.no_sync() if ddp and hasattr(self.trainer.model, "no_sync") else nullcontext():
+            loss = grad_cached_backward(self.towers(batch), lambda emb: self.global_loss(emb, batch),
+                                        self.grad_cache_chunk, backward)
+        if ddp:
+            average_gradients([p for p in self.parameters() if p.requires_grad])
+        return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.automatic_optimization:
@@ -96,13 +131,17 @@ class BiEncoderModule(L.LightningModule):
         else:
             optimizer, schedule = self.optimizers(), self.lr_schedulers()
             loss = self.backward_step(batch)
-            if self.gradient_clip_val:
-                self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
-            optimizer.step()
+            optimizer.step()  # clips first (on_before_optimizer_step)
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["qids"]))
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient caching clips here: Lightning calls this after unscaling the gradients of a 16-mixed loss scaler
+        (clipping in ``training_step`` would clip gradients still multiplied by the loss scale)."""
+        if not self.automatic_optimization and self.gradient_clip_val:
+            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
     def configure_optimizers(self):
         decay, no_decay = [], []
