@@ -1,9 +1,14 @@
-"""Encoder: pooling against hand computation, towers, shared projection, model paths."""
+"""Encoder: pooling against hand computation, towers, shared projection, model paths, saved folders."""
 from __future__ import annotations
+
+import json
+import warnings
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from conftest import ROOT
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.models.encoder import Encoder, pool, resolve_model_path
 
@@ -105,3 +110,75 @@ def test_half_precision_weights_load_in_float32(tiny_model, tmp_path):
         inputs = full.tokenize(["protein cancer"], "doc")
         assert torch.allclose(full.encode_docs(inputs), from_half.encode_docs(inputs), atol=1e-2)
 
+
+
+# ---- a folder written by Encoder.save loads back as the encoder that was saved ----
+TEXTS = ["what about protein and cancer in the human brain", "virus neuron study results", "gene"]
+
+
+def hydra_model_args() -> dict:
+    """The arguments the default model config (conf/model/minilm.yaml) passes besides name_or_path."""
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "minilm.yaml"))
+    return {k: v for k, v in cfg.items() if k not in ("_target_", "name_or_path")}
+
+
+def embeddings(enc: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = enc.eval()
+    with torch.no_grad():
+        return enc.encode_queries(enc.tokenize(TEXTS, "query")), enc.encode_docs(enc.tokenize(TEXTS, "doc"))
+
+
+def saved_encoder(tiny_model, folder, **settings) -> Encoder:
+    """An encoder with every weight moved off its initial value (towers apart, projection not at init), saved."""
+    torch.manual_seed(1)
+    enc = Encoder(str(tiny_model), **settings)
+    with torch.no_grad():
+        for param in enc.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    enc.save(folder)
+    return enc
+
+
+@pytest.mark.parametrize("settings", [
+    {"pooling": "mean", "normalize": False, "query_max_length": 6, "doc_max_length": 8},
+    {"pooling": "cls", "projection_dim": 16, "normalize": True},
+    {"shared_towers": False, "projection_dim": 8, "normalize": False},
+], ids=["mean", "cls+projection+normalize", "separate-towers+projection"])
+def test_a_saved_encoder_loads_back_as_it_was_trained(tiny_model, tmp_path, settings):
+    original = saved_encoder(tiny_model, tmp_path / "m", **settings)
+    q_expected, d_expected = embeddings(original)
+    if not original.shared_towers:
+        assert not torch.allclose(q_expected, embeddings(original)[1])  # the towers really differ
+    for args in ({}, hydra_model_args()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = Encoder(str(tmp_path / "m"), **args)
+        assert not [w for w in caught if "is ignored" in str(w.message)]  # default arguments defer silently
+        assert (loaded.pooling, loaded.normalize, loaded.shared_towers, loaded.dim) == \
+               (original.pooling, original.normalize, original.shared_towers, original.dim)
+        assert (loaded.query_max_length, loaded.doc_max_length) == (original.query_max_length, original.doc_max_length)
+        q, d = embeddings(loaded)
+        assert torch.allclose(q, q_expected, atol=1e-6) and torch.allclose(d, d_expected, atol=1e-6)
+
+
+def test_a_conflicting_architecture_argument_is_ignored_with_a_warning(tiny_model, tmp_path):
+    original = saved_encoder(tiny_model, tmp_path / "m", pooling="cls", projection_dim=16)
+    with pytest.warns(UserWarning, match=r"model.projection_dim=32 is ignored: .*retrieval_lab.json says "
+                                         r"projection_dim=16"):
+        loaded = Encoder(str(tmp_path / "m"), projection_dim=32, query_max_length=10)
+    assert loaded.dim == 16 and loaded.query_max_length == 10  # a max length is the caller's to choose
+    assert torch.allclose(embeddings(loaded)[1], embeddings(original)[1], atol=1e-6)
+
+
+def test_a_damaged_saved_folder_is_one_clear_error(tiny_model, tmp_path):
+    saved_encoder(tiny_model, tmp_path / "m", projection_dim=16)
+    (tmp_path / "m" / "2_Dense" / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"2_Dense/model.safetensors is missing"):
+        Encoder(str(tmp_path / "m"))
+    settings = tmp_path / "m" / "retrieval_lab.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "pooling": "max"}))
+    with pytest.raises(ConfigError, match=r"retrieval_lab.json: pooling must be one of mean, cls, got 'max'"):
+        Encoder(str(tmp_path / "m"))
+    settings.write_text("{")
+    with pytest.raises(ConfigError, match=r"retrieval_lab.json could not be read as JSON"):
+        Encoder(str(tmp_path / "m"))

