@@ -40,7 +40,8 @@ encoder = Encoder(model_dir, query_max_length=16, doc_max_length=32)
 dataset = BeirDataset(data_dir)
 qrels = dataset.qrels("train")
 pairs = SupervisedPairs(dataset, qrels, group_size=2, negatives=read_negatives(negatives_file, dataset, qrels))
-trainer = L.Trainer(max_steps=200, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+trainer = L.Trainer(max_steps=200, accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+                    logger=False,
                     callbacks=[AnceRefresh(pairs, every_n_steps=2, depth=20, n_neg=3, batch_size=16), Slow()],
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 start = time.perf_counter()

@@ -53,7 +53,8 @@ class Slow(L.Callback):  # steps of 0.1 s at least, so that refreshes finish dur
 
 
 refresh = Recording(pairs, every_n_steps=2, depth=20, n_neg=3, batch_size=16)
-trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+                    logger=False,
                     callbacks=[refresh, Slow()],
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(BiEncoderModule(encoder, InfoNCELoss(0.05), group_size=2),

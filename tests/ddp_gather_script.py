@@ -43,7 +43,8 @@ pairs = SupervisedPairs(dataset, qrels, group_size=2, negatives=read_negatives(n
 module = Recording(encoder, SamToNeLoss(0.1, side="both", bidirectional=True), group_size=2,
                    grad_cache_chunk=int(chunk) or None)
 data = RetrievalDataModule(pairs, GroupCollator(encoder.tokenizer, 16, 32), batch_size=3)
-trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+                    logger=False,
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(module, datamodule=data)
 torch.save(module.steps, f"{out_dir}/rank{trainer.global_rank}.pt")

@@ -66,3 +66,66 @@ def test_balanced_pair_is_uniform_over_margin_bins():
     observed = [counts[b] for b in range(4)]
     assert chisquare(observed).pvalue > 0.01  # uniform over the 4 bins
     assert counts[0] < 8000 * 0.3  # while uniform over pairs would give bin 0 over 95%
+
+
+def test_tas_batches_are_the_same_in_every_process():
+    """The batch sequence follows the seed and epoch alone, not Python's per-process string hashing: two
+    interpreters with different hash seeds (as two runs, or two DDP processes) draw the same batches."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from retrieval_lab.data.sampling import ClusterBatchSampler\n"
+            "class D:\n    def __len__(self): return 60\n"
+            "print(list(ClusterBatchSampler(D(), np.arange(60) % 3, batch_size=6, clusters_per_batch=2, seed=1))[:3])")
+    outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outputs) == 1 and outputs.pop().startswith("[[")
+
+
+@pytest.mark.parametrize("tas", [False, True])
+def test_processes_take_disjoint_equal_shares_and_skip_their_own_batches(tas, monkeypatch):
+    """Under DDP (2 processes, mocked) each process takes its share of one shuffle (or of one TAS batch sequence):
+    the shares interleave the one-process order, do not overlap and have the same length; resuming mid-epoch skips
+    a process's own first batches."""
+    from retrieval_lab.data import sampling
+    from retrieval_lab.data.sampling import EpochSampler
+
+    def make():
+        if tas:  # 61 queries in 4 clusters, batches of 4 from 2 clusters
+            return ClusterBatchSampler(Dummy(61), np.arange(61) % 4, batch_size=4, clusters_per_batch=2, seed=3)
+        return EpochSampler(Dummy(61), seed=3)
+
+    whole = list(make())  # one process: 15 TAS batches, or a shuffle of the 61 examples
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(sampling, "rank_world", lambda rank=rank: (rank, 2))
+        sampler = make()
+        share = list(sampler)
+        assert len(sampler) == len(share) == (7 if tas else 30)  # 15 // 2 batches, 61 // 2 examples
+        assert share == whole[rank::2][:len(share)]
+        sampler.skip = 2 if tas else 2 * 4  # two batches (of 4 examples) done before the resume
+        assert list(sampler) == share[2 if tas else 8:]
+        shares.append(share)
+    if not tas:  # a shuffle: no example in both shares
+        assert not set(shares[0]) & set(shares[1])
+
+
+def test_a_trainer_that_would_shard_the_examples_again_is_refused():
+    """Our samplers share the examples out under DDP; a Trainer that also adds a DistributedSampler would give
+    each process a quarter of them (with 2 processes), so the data module refuses it."""
+    from types import SimpleNamespace
+
+    from retrieval_lab.data.datamodule import RetrievalDataModule
+
+    def trainer(world_size, use_distributed_sampler):
+        return SimpleNamespace(world_size=world_size,
+                               _accelerator_connector=SimpleNamespace(use_distributed_sampler=use_distributed_sampler))
+
+    data = RetrievalDataModule(Dummy(8), collator=None, batch_size=2)
+    for world_size, flag in ((1, True), (2, False)):  # one process, or a Trainer that leaves sampling to us
+        data.trainer = trainer(world_size, flag)
+        assert len(data.train_dataloader()) == 4
+    data.trainer = trainer(2, True)
+    with pytest.raises(ConfigError, match="use_distributed_sampler=false"):
+        data.train_dataloader()

@@ -47,13 +47,25 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: 
         labels = np.where(labels == smallest, similarity.argmax(1), labels)
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes under torch.distributed (0, 1 outside it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class EpochSampler(Sampler[int]):
     """A shuffle fixed by (seed, epoch). Lightning calls ``set_epoch`` before every epoch; the dataset hears it
-    too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible."""
+    too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible.
+    Under torch.distributed every process draws the same shuffle and takes its share (every world-th example
+    from its rank on, the same number in each process), so the Trainer must not add a DistributedSampler
+    (``use_distributed_sampler=False``; ``RetrievalDataModule`` checks)."""
 
     def __init__(self, dataset, seed: int = 0):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
-        self.skip = 0  # examples of the next epoch's order to leave out once (resuming mid-epoch)
+        self.skip = 0  # examples of this process's share of the next epoch to leave out once (resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,11 +73,13 @@ class EpochSampler(Sampler[int]):
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset) // rank_world()[1]
 
     def __iter__(self):
+        rank, world = rank_world()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order, self.skip = torch.randperm(len(self.dataset), generator=generator).tolist()[self.skip:], 0
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()[rank::world][:len(self)]
+        order, self.skip = order[self.skip:], 0
         return iter(order)
 
 
@@ -79,8 +93,9 @@ class ClusterBatchSampler(Sampler[list[int]]):
 
     Clusters are drawn with probability proportional to their size; each cluster hands out its members in a
     fresh seeded order and starts over when used up, so no example repeats within a batch. An epoch has
-    ``len(dataset) // batch_size`` batches. Every cluster must hold at least one share (``cluster_embeddings``
-    with ``min_size`` makes sure of it).
+    ``len(dataset) // batch_size`` batches; under torch.distributed every process draws the same sequence and
+    takes every world-th batch from its rank on. Every cluster must hold at least one share
+    (``cluster_embeddings`` with ``min_size`` makes sure of it).
     """
 
     def __init__(self, dataset, clusters: Sequence[int], batch_size: int, clusters_per_batch: int = 1, seed: int = 0):
@@ -100,15 +115,16 @@ class ClusterBatchSampler(Sampler[list[int]]):
                               f"a batch takes from it; cluster with min_size set (see cluster_embeddings).")
 
     def __len__(self) -> int:
-        return len(self.clusters) // self.batch_size
+        return len(self.clusters) // self.batch_size // rank_world()[1]  # this process's batches
 
     def __iter__(self):
-        rng = random.Random(hash((self.seed, self.sampler.epoch, "tas")))
+        rank, world = rank_world()
+        rng = random.Random(self.seed * 1_000_003 + self.sampler.epoch)  # the same in every process and run
         streams = {c: [] for c in self.members}
         ids = sorted(self.members)
         weights = [len(self.members[c]) for c in ids]
         skip, self.skip = self.skip, 0
-        for number in range(len(self)):
+        for number in range(len(self) * world):
             chosen: list[int] = []
             while len(chosen) < self.per_batch:  # distinct clusters, size-weighted
                 c = rng.choices(ids, weights)[0]
@@ -123,7 +139,8 @@ class ClusterBatchSampler(Sampler[list[int]]):
                     streams[c] = [i for i in streams[c]] + [i for i in fresh if i not in streams[c]]
                 batch.extend(streams[c][:share])
                 streams[c] = streams[c][share:]
-            if number >= skip:  # skipped batches are still drawn, so the ones after them do not change
+            # every batch is drawn in every process (the later ones then do not change), each yields its own
+            if number % world == rank and number // world >= skip:
                 yield batch
 
 
