@@ -1,8 +1,10 @@
-"""Run by tests/test_ddp.py: MoCo training on 2 CPU processes (gloo); each rank saves its queue."""
+"""Run by tests/test_ddp.py: MoCo training on 2 CPU processes (gloo); each rank saves its queue, and checks that
+its queue's document identities are every process's, step by step in rank order (as the keys are)."""
 import sys
 
 import lightning as L
 import torch
+import torch.distributed as dist
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
@@ -17,8 +19,21 @@ encoder = Encoder(model_dir)
 module = MoCoModule(encoder, InfoNCELoss(0.05), queue_size=64, momentum=0.9, lr=1e-3)
 data = RetrievalDataModule(CroppingPairs(BeirDataset(data_dir), seed=1, augmentation=None),
                            GroupCollator(encoder.tokenizer, 32, 32), batch_size=4)
-trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+steps = []  # this process's document identities, one list per step
+
+
+class Record(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        steps.append(batch["doc_keys"].tolist())
+
+
+trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False,
+                    logger=False, callbacks=[Record()],
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(module, datamodule=data)
+every = [None, None]
+dist.all_gather_object(every, steps)
+expected = [k for step in range(2) for rank in every for k in rank[step]]
+assert module.queue_ids[: int(module.queue_len)].tolist() == expected and len(set(expected)) == 16, expected
 torch.save({"queue": module.current_queue().clone(), "len": int(module.queue_len)},
            f"{out_dir}/rank{trainer.global_rank}.pt")

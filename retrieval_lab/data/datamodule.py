@@ -1,11 +1,14 @@
 """One LightningDataModule for every training method: it batches (query, document group) examples."""
 from __future__ import annotations
 
+import hashlib
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from retrieval_lab.data.sampling import EpochSampler
+from retrieval_lab.errors import ConfigError
 from retrieval_lab.retrieval.tokenization import tokenize_padded
 
 
@@ -23,6 +26,9 @@ class GroupCollator:
 
     ``mask[i, j]`` is True when document column j is a judged positive of query i other than its own target
     column i*G (the same abstract can be the positive of several queries): such columns are no negatives.
+    ``doc_keys`` (B*G) and ``positive_keys`` (B x P, padded with -1) hold the integer identities
+    (:meth:`doc_key`) of the document columns and of each query's judged positives, for masks beyond the batch
+    (MoCo's queue of past keys).
     ``teacher`` (B x G) holds the examples' teacher scores when they carry some. With ``pair_tokenizer``
     ((tokenizer, max length) of a cross-encoder), ``pairs`` holds ``[CLS] query [SEP] doc [SEP]`` for every
     group entry in the same order as ``docs``; ``tokenizer=None`` skips the bi-encoder's query/doc inputs.
@@ -32,6 +38,12 @@ class GroupCollator:
         self.tokenizer, self.query_max_length, self.doc_max_length = tokenizer, query_max_length, doc_max_length
         self.pair_tokenizer = pair_tokenizer
 
+    @staticmethod
+    def doc_key(doc_id: str) -> int:
+        """A document's integer identity, the same in every process and run (Python's ``hash`` of a str is not):
+        its 8-byte blake2b digest as a non-negative int64, so that -1 names no document."""
+        return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big") >> 1
+
     def _tokenize(self, texts, max_length):
         return tokenize_padded(self.tokenizer, texts, max_length)
 
@@ -40,7 +52,11 @@ class GroupCollator:
         doc_ids = [d for ex in examples for d in ex["doc_ids"]]
         positives = [sorted(ex["positives"]) for ex in examples]
         batch = {"mask": false_negative_mask(doc_ids, positives, group), "qids": [ex["qid"] for ex in examples],
-                 "doc_ids": doc_ids, "positives": positives}
+                 "doc_ids": doc_ids, "positives": positives,
+                 "doc_keys": torch.tensor([self.doc_key(d) for d in doc_ids], dtype=torch.long)}
+        keys = [[self.doc_key(d) for d in pos] for pos in positives]
+        width = max(1, *map(len, keys))
+        batch["positive_keys"] = torch.tensor([k + [-1] * (width - len(k)) for k in keys], dtype=torch.long)
         if self.tokenizer is not None:
             batch["query"] = self._tokenize([ex["query"] for ex in examples], self.query_max_length)
             batch["docs"] = self._tokenize([t for ex in examples for t in ex["docs"]], self.doc_max_length)
@@ -72,6 +88,11 @@ class RetrievalDataModule(L.LightningDataModule):
             self.sampler.skip = count * self.batch_size
 
     def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if trainer is not None and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ConfigError("training under DDP needs Trainer(use_distributed_sampler=False) (trainer."
+                              "use_distributed_sampler=false): the samplers share the examples out themselves.")
         if self.batch_sampler is not None:
             return DataLoader(self.train_set, batch_sampler=self.batch_sampler, collate_fn=self.collator,
                               num_workers=self.num_workers)

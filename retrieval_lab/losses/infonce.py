@@ -14,7 +14,7 @@ and, when ``bidirectional``, the document-to-query term over the positives d+_i 
     L_dq = -1/B sum_i log( exp(d+_i . q_i / tau) / sum_k exp(d+_i . q_k / tau) ),
 
 the loss being (L_qd + L_dq) / 2. ``mask`` (B x B*G, True = drop) removes false negatives, e.g. a column
-that holds another copy of query i's own positive.
+that holds another copy of query i's own positive; ``queue_mask`` (B x K) does the same for queue keys.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class InfoNCELoss(nn.Module):
         self.temperature, self.bidirectional = check_temperature(temperature), bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue)
+                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask)
         loss = F.cross_entropy(scores, targets)
         if self.bidirectional:
             loss = (loss + document_to_query(q, d, targets, self.temperature, mask)) / 2

@@ -13,7 +13,8 @@ with embeddings from the *same* tower as the anchor side:
 ``side='query'`` (the paper's default) adds the other queries of the batch, ``side='document'`` the other
 positive documents, ``side='both'`` both; self-similarity is always excluded. ``bidirectional`` adds InfoNCE's
 document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower pairs that share a
-positive (``mask``) are dropped like in-batch false negatives.
+positive (``mask``) are dropped like in-batch false negatives; queue keys of a query's positives by
+``queue_mask`` (B x K).
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ class SamToNeLoss(nn.Module):
         self.temperature, self.side, self.bidirectional = check_temperature(temperature), side, bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue)
+                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask)
         batch = q.size(0)
         # same-tower pair (i, j) is dropped on the diagonal and where query i's positive set holds j's positive
         drop = torch.eye(batch, dtype=torch.bool, device=q.device)

@@ -1,7 +1,8 @@
 """The score matrix shared by the contrastive losses (DESIGN.md batch layout).
 
 Row i holds query i's scores against the B*G documents of the batch (its target is column i*G), then, when
-a queue of momentum keys is given (MoCo), against every queue entry. False negatives are masked to -inf.
+a queue of momentum keys is given (MoCo), against every queue entry. False negatives are masked to -inf:
+in-batch columns by ``mask`` (B x B*G), queue columns by ``queue_mask`` (B x K), True = drop.
 """
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ def check_temperature(temperature: float) -> float:
 
 
 def contrastive_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
-                       mask: torch.Tensor | None = None, queue: torch.Tensor | None = None):
+                       mask: torch.Tensor | None = None, queue: torch.Tensor | None = None,
+                       queue_mask: torch.Tensor | None = None):
     """Return (scores / temperature, targets)."""
     targets = torch.arange(q.size(0), device=q.device) * group_size
     scores = q @ d.T
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     if queue is not None and queue.numel():
-        scores = torch.cat([scores, q @ queue.T.to(q.dtype)], dim=1)
+        queue_scores = q @ queue.T.to(q.dtype)
+        if queue_mask is not None:
+            queue_scores = queue_scores.masked_fill(queue_mask, float("-inf"))
+        scores = torch.cat([scores, queue_scores], dim=1)
     return scores.float() / temperature, targets

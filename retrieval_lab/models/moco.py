@@ -8,6 +8,13 @@ exponential moving average, theta_k <- m * theta_k + (1 - m) * theta_q, and gets
 the positive keys of the batch (gathered from every process under DDP) replace the oldest queue entries. The
 loss sees the queue as extra document columns. The queue and the key encoder are module state, so Lightning
 checkpoints save and restore them.
+
+Next to each key the queue keeps its document's identity (``queue_ids``: ``GroupCollator.doc_key`` of its doc id,
+-1 when unknown), and ``queue_mask`` (B x K) masks, for query i, every queue entry that holds one of query i's
+judged positives (``batch["positive_keys"]``), as ``mask`` masks such in-batch columns. Without it, once a
+supervised positive (or, with cropping/ICT pairs, the query's own source document) has been enqueued, an older
+key of it comes back as a near-identical negative of the same query and cancels the positive's gradient. A
+checkpoint written before ``queue_ids`` existed loads with every entry unknown: masked for no query, as before.
 """
 from __future__ import annotations
 
@@ -27,28 +34,49 @@ class MoCoModule(BiEncoderModule):
         self.momentum = momentum
         self.key_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.register_buffer("queue", torch.zeros(queue_size, encoder.dim))
+        self.register_buffer("queue_ids", torch.full((queue_size,), -1, dtype=torch.long))  # -1: matches nothing
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next slot to write
         self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))  # filled slots
-        self._new_keys: torch.Tensor | None = None
+        self._new_keys: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (keys, doc ids) to enqueue
 
     @torch.no_grad()
     def momentum_update(self) -> None:
         for key_param, param in zip(self.key_encoder.parameters(), self.encoder.parameters()):
             key_param.mul_(self.momentum).add_(param.detach(), alpha=1 - self.momentum)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before queue_ids: its keys are of unknown documents, masked for no query
+        if prefix + "queue" in state_dict and prefix + "queue_ids" not in state_dict:
+            state_dict[prefix + "queue_ids"] = torch.full_like(self.queue_ids, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write ``keys`` at the pointer, wrapping around; the oldest entries are overwritten first."""
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Write ``keys`` and their documents' ``ids`` (None: unknown) at the pointer, wrapping around; the oldest
+        entries are overwritten first."""
         size = self.queue.size(0)
-        keys = keys[-size:].to(self.queue.dtype)
+        ids = torch.full((keys.size(0),), -1) if ids is None else ids
+        keys, ids = keys[-size:].to(self.queue.dtype), ids[-size:]
         slots = (self.queue_ptr + torch.arange(keys.size(0), device=keys.device)) % size
         self.queue[slots] = keys
+        self.queue_ids[slots] = ids.to(self.queue_ids)
         self.queue_ptr.copy_((self.queue_ptr + keys.size(0)) % size)
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.size(0), max=size))
 
     def current_queue(self) -> torch.Tensor:
         # slots fill from 0 upwards, so the filled ones come first; a copy, as the step enqueues before backward
         return self.queue[: int(self.queue_len)].clone()
+
+    def queue_mask(self, batch: dict) -> torch.Tensor | None:
+        """B x K, True where queue entry k holds a judged positive of query i (None without ``positive_keys``)."""
+        positives = batch.get("positive_keys")
+        if positives is None:
+            return None
+        ids = self.queue_ids[: int(self.queue_len)]
+        mask = torch.zeros(positives.size(0), ids.size(0), dtype=torch.bool, device=ids.device)
+        for column in positives.T.to(ids.device):  # one judged positive per query at a time (-1: padding)
+            mask |= (column[:, None] == ids) & (column[:, None] >= 0)
+        return mask
 
     def towers(self, batch: dict) -> list[tuple]:
         return [(self.encoder.encode_queries, batch["query"])]  # keys come from the key encoder, without gradient
@@ -59,15 +87,20 @@ class MoCoModule(BiEncoderModule):
             self.key_encoder.train(self.encoder.training)
             # under gradient caching, the keys in chunks too: the whole batch at once may not fit in memory
             keys = embed_in_chunks(self.key_encoder.encode_docs, batch["docs"], self.grad_cache_chunk)
-        self._new_keys = keys[:: self.group_size]  # the positives' keys, enqueued at the end of the step
-        return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue())
+        # the positives' keys and their documents' ids, enqueued at the end of the step
+        doc_keys = batch.get("doc_keys")
+        self._new_keys = keys[:: self.group_size], None if doc_keys is None else doc_keys[:: self.group_size]
+        return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue(),
+                         queue_mask=self.queue_mask(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.momentum_update()
         loss = super().training_step(batch, batch_idx)
         # enqueue inside the step, so a checkpoint written at the end of it holds the updated queue
-        keys = self._new_keys
-        gathered = self.all_gather(keys) if self._trainer is not None and self.trainer.world_size > 1 else keys
-        self.enqueue(gathered.reshape(-1, keys.size(-1)))
+        keys, ids = self._new_keys
+        if self._trainer is not None and self.trainer.world_size > 1:  # every process's, in rank order
+            keys = self.all_gather(keys).flatten(0, 1)
+            ids = None if ids is None else self.all_gather(ids).flatten(0, 1)
+        self.enqueue(keys, ids)
         self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))
         return loss
