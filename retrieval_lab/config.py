@@ -21,8 +21,9 @@ def _precision() -> str:
 
 
 OmegaConf.register_new_resolver("auto_precision", _precision, replace=True)
-# run folders are <time>_<process id>: two runs started in the same second on one machine never share a folder
-OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True)
+# run folders are <time>_<process id>: two runs started in the same second on one machine never share a folder.
+# Cached like Hydra's ${now:}: the jobs of a sweep in worker processes (joblib, submitit) keep the sweep's name.
+OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), replace=True, use_cache=True)
 for _noisy in ("faiss.loader", "bm25s"):  # Hydra logs at INFO; these would print their internals
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 

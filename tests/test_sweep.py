@@ -9,19 +9,21 @@ from conftest import run_module
 
 
 def test_parallel_sweep_then_report(tiny_model, beir_folder, tmp_path):
-    sweep = tmp_path / "sweep"
+    """Jobs in 2 worker processes land in one sweep folder (the default multirun/<time>_<pid>, named once for the
+    whole sweep, not again in each worker process)."""
     result = run_module("retrieval_lab.train", "-m", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
                         "loss=infonce,samtone", "seed=1,2", "data=beir", f"data.path={beir_folder}",
                         f"model.name_or_path={tiny_model}", "trainer.max_steps=2", "batch_size=4", "eval.batch_size=16",
                         "eval.before=false", "validation.enabled=false", "save_model=false",
-                        "trainer.enable_progress_bar=false", "logger.wandb.mode=offline", f"hydra.sweep.dir={sweep}")
+                        "trainer.enable_progress_bar=false", "logger.wandb.mode=offline", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     seen = set()
     for job in jobs:
         info = json.loads((job / "run_info.json").read_text())
-        assert info["sweep"] == "sweep" and info["choices"]["loss"] in ("infonce", "samtone")
+        assert info["sweep"] == sweep.name and info["choices"]["loss"] in ("infonce", "samtone")
         seen.add((info["choices"]["loss"], info["seed"]))
         assert json.loads((job / "metrics.json").read_text())["steps"] == 2
         assert any((job / "wandb").glob("offline-run-*"))   # one W&B run per job, grouped by the sweep's name
