@@ -109,8 +109,13 @@ class ExactResume(L.Callback):
     (so dropout draws what the uninterrupted run drew), and the sampler position: the batches of the
     interrupted epoch that were already trained on are skipped. Assumes one optimiser step per batch."""
 
-    def __init__(self):
+    def __init__(self, settings: dict | None = None):
         self._pending = None
+        self.settings = settings  # the run's settings, written into every checkpoint (see train.check_resumable)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self.settings is not None:
+            checkpoint["retrieval_lab_settings"] = self.settings
 
     def state_dict(self) -> dict:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types: checkpoints load weights_only

@@ -45,12 +45,12 @@ def hydra_job() -> dict:
     return job
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict, resume_step: int | None = None) -> list:
     from lightning.pytorch.loggers import WandbLogger
 
     loggers = []
     if cfg.logger.csv:
-        loggers.append(csv_logger(run_dir))
+        loggers.append(csv_logger(run_dir, resume_step))
     if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         wb, sweep = cfg.logger.wandb, hydra_job()
         loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
@@ -61,18 +61,30 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict) -> list:
     return loggers
 
 
-def csv_logger(run_dir: Path):
-    """<run dir>/csv/metrics.csv. A resumed run appends to it: Lightning's writer deletes an existing file when it
-    starts, so the rows logged before the interruption are put back and the writer learns their header."""
+def csv_logger(run_dir: Path, resume_step: int | None = None):
+    """<run dir>/csv/metrics.csv. A run resumed from a checkpoint of step N appends to it: Lightning's writer
+    deletes an existing file when it starts, so the rows logged before the checkpoint are put back (those of
+    steps N and later that training will log again are left out) and the writer learns their header. A run that
+    starts afresh in a folder that has the file moves it to metrics.previous.csv."""
     from lightning.pytorch.loggers import CSVLogger
 
     path = run_dir / "csv" / "metrics.csv"
-    earlier = path.read_text() if path.is_file() else ""
+    rows = list(csv.reader(path.read_text().splitlines())) if path.is_file() else []
+    if rows and resume_step is None:
+        os.replace(path, path.with_name("metrics.previous.csv"))
+        rows = []
     logger = CSVLogger(run_dir, name="csv", version="")
     writer = logger.experiment  # created here, deleting the file
-    if earlier:
-        path.write_text(earlier)
-        writer.metrics_keys = next(csv.reader(earlier.splitlines()))  # the columns in the file's order
+    if rows:
+        header, step, loss = rows[0], rows[0].index("step"), rows[0].index("train/loss") if "train/loss" in rows[0] else None
+
+        def before(row: list[str]) -> bool:  # a row training will not log again: before step N, or not a step's
+            return float(row[step]) < resume_step or (float(row[step]) == resume_step and not (loss and row[loss]))
+
+        kept = [header] + [row for row in rows[1:] if before(row)]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
+        writer.metrics_keys = header  # the columns in the file's order
     return logger
 
 
@@ -125,14 +137,56 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     return datamodule, dev_qrels
 
 
+# settings a resumed run may change: how long it trains, how it is evaluated, logged and checkpointed
+RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
+                     "trainer.log_every_n_steps", "num_workers", "eval.", "validation.", "checkpoint.", "logger.",
+                     "save_model")
+
+
+def run_settings(cfg: DictConfig) -> dict[str, str]:
+    """The resolved settings that define what a run trains (dotted key -> value), written into its checkpoints."""
+    def flatten(value, prefix: str = ""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(item, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], repr(value)
+
+    return {key: value for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))
+            if not key.startswith(RESUMABLE_CHANGES)}
+
+
+def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
+    """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
+    temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
+    finished, report as its own)."""
+    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    saved = state.get("retrieval_lab_settings")
+    if saved is not None:
+        now = run_settings(cfg)
+        changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+                   for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+        if changed:
+            raise ConfigError(f"resume={cfg.resume}: {checkpoint} was written by a run with other settings "
+                              f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); use another "
+                              f"hydra.run.dir (or hydra.sweep.dir), or resume=null to start afresh there.")
+    return int(state["global_step"])
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels) -> list:
     every = cfg.checkpoint.every_n_steps
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(  # the newest `keep` step checkpoints, plus last.ckpt
                      dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                      monitor="step", mode="max", save_top_k=cfg.checkpoint.keep, save_last=True,
                      every_n_train_steps=every or None),
-                 L.pytorch.callbacks.LearningRateMonitor(),
-                 NumericGuard(run_dir / "checkpoints"), ExactResume()]
+                 NumericGuard(run_dir / "checkpoints"), ExactResume(run_settings(cfg))]
+    if every:  # Lightning's step trigger turns epoch ends off: a second callback writes epoch<N>.ckpt (the newest
+        # only) and last.ckpt at every epoch end, so a crash loses at most an epoch even when steps are rarer
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}",
+                                                             auto_insert_metric_name=False, save_top_k=1,
+                                                             save_last=True, every_n_epochs=1))
+    if cfg.logger.csv or (cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled"):
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor())  # it needs a logger
     if cfg.negatives.get("refresh"):
         callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, index=cfg.eval.index,
                                      **cfg.negatives.refresh))
@@ -182,6 +236,8 @@ def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     config.check_train_config(cfg)
+    checkpoint = resume_from(cfg, run_dir)
+    resume_step = check_resumable(checkpoint, cfg) if checkpoint else None
     L.seed_everything(cfg.seed, workers=True)
     TOKEN_CACHE.folder = cfg.eval.get("token_cache_dir")  # every corpus encoding of this run
     dataset = BeirDataset(cfg.data.path)
@@ -215,11 +271,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.eval.before and first:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
-    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams),
+    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams, resume_step),
                           default_root_dir=str(run_dir),
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     fit = {"fit_seconds": round(time.perf_counter() - start, 1)}
     if not trainer.is_global_zero:  # DDP: the first process saves, evaluates and writes the outputs
         return {}

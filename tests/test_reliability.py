@@ -2,10 +2,9 @@
 run directory continues from its last checkpoint; checkpoints are written atomically."""
 from __future__ import annotations
 
+import csv
 import json
-import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -58,17 +57,24 @@ def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(tiny_model, b
         assert torch.isfinite(bad_run[name]).all() and torch.allclose(bad_run[name], value, atol=1e-6), name
 
 
-class CrashOnThirdCall(InfoNCELoss):
-    """InfoNCE that kills its process (SIGKILL: no clean-up at all) at its third call, i.e. during step 3, after
-    step 2's checkpoint was written."""
+CRASH_ON_THIRD_CALL = """# started with the interpreter (PYTHONPATH): the third loss call, during step 3, after step 2's checkpoint
+# was written, kills its process (SIGKILL: no clean-up at all); the command itself is unchanged
+import os, signal
 
-    calls = 0
+from retrieval_lab.losses.infonce import InfoNCELoss
 
-    def forward(self, *args, **kwargs):
-        type(self).calls += 1
-        if type(self).calls == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().forward(*args, **kwargs)
+forward, calls = InfoNCELoss.forward, []
+
+
+def crashing(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return forward(self, *args, **kwargs)
+
+
+InfoNCELoss.forward = crashing
+"""
 
 
 @pytest.mark.parametrize("negatives", ["inbatch", "moco"])
@@ -78,13 +84,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives
     those of a run that was never interrupted."""
     args = [a for a in overrides(tiny_model, beir_folder, 4) if not a.startswith("eval.after")]
     args += [f"negatives={negatives}", "eval.batch_size=16"] + (["negatives.module.queue_size=6"] * (negatives == "moco"))
-    env = {"PYTHONPATH": str(Path(__file__).parent)}
+    (tmp_path / "crash").mkdir()
+    (tmp_path / "crash" / "sitecustomize.py").write_text(CRASH_ON_THIRD_CALL)
 
-    def run(folder, *extra):
-        return run_module("retrieval_lab.train", *args, *extra, f"hydra.run.dir={tmp_path / folder}", env=env)
+    def run(folder, env=None):
+        return run_module("retrieval_lab.train", *args, f"hydra.run.dir={tmp_path / folder}", env=env)
 
     assert run("straight").returncode == 0
-    killed = run("resumed", f"loss._target_={__name__}.CrashOnThirdCall")
+    killed = run("resumed", env={"PYTHONPATH": str(tmp_path / "crash")})
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "resumed" / "metrics.json").exists()
     resumed_run = run("resumed")  # the same command in the same run directory
     assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
@@ -111,3 +118,29 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         io.save_checkpoint({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous checkpoint is intact
+
+
+def test_epoch_end_checkpoints_and_a_resume_with_other_settings(tiny_model, beir_folder, tmp_path):
+    """With step checkpoints rarer than an epoch, every epoch end still writes last.ckpt. Rerunning the folder with
+    more epochs continues it, and metrics.csv holds each step's training loss once; rerunning it with another
+    temperature is refused with the changed setting named, instead of continuing (or, once finished, reporting)
+    another run's weights; a fresh start there keeps the old metrics.csv aside."""
+    from retrieval_lab.errors import ConfigError
+
+    args = [a for a in overrides(tiny_model, beir_folder, 5) if not a.startswith(("trainer.max_steps", "checkpoint"))]
+    args += ["trainer.max_steps=-1", "checkpoint.every_n_steps=1000", "loss.temperature=0.05"]
+    run = tmp_path / "run"
+    train(compose_train(args + ["trainer.max_epochs=1"]), run)
+    first_step, _ = weights(run / "checkpoints" / "epoch0.ckpt")  # written at the end of epoch 0
+    assert first_step > 0 and weights(run / "checkpoints" / "last.ckpt")[0] == first_step
+    train(compose_train(args + ["trainer.max_epochs=2"]), run)  # continues: one more epoch
+    step, _ = weights(run / "checkpoints" / "last.ckpt")
+    assert step == 2 * first_step
+    rows = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert sorted(int(r["step"]) for r in rows) == list(range(step))  # each step's loss once
+    with pytest.raises(ConfigError, match=r"other settings \(loss.temperature: 0.05 -> 0.5\)"):
+        train(compose_train(args + ["trainer.max_epochs=2", "loss.temperature=0.5"]), run)
+    train(compose_train(args + ["trainer.max_epochs=1", "resume=null"]), run)
+    assert len(list(csv.DictReader(open(run / "csv" / "metrics.previous.csv")))) >= len(rows)
+    fresh = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/loss")]
+    assert sorted(int(r["step"]) for r in fresh) == list(range(first_step))
