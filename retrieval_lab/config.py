@@ -50,17 +50,41 @@ def check_train_config(cfg: DictConfig) -> None:
     require(cfg, "checkpoint.keep", cfg.checkpoint.keep >= 0, "must be 0 or more.")
     require(cfg, "logger.wandb.mode", cfg.logger.wandb.mode in ("offline", "online", "disabled"),
             "is not offline, online or disabled.")
-    require(cfg, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps >= 0, "must be 0 (epoch ends only) or more.")
+    every = cfg.checkpoint.every_n_steps
+    require(cfg, "checkpoint.every_n_steps", every is None or (isinstance(every, int) and every >= 0),
+            "must be 0 (epoch ends only) or more.")
     chunk = cfg.trainer.get("grad_cache_chunk")
     require(cfg, "trainer.grad_cache_chunk", chunk is None or (isinstance(chunk, int) and chunk >= 1),
             "must be a positive number of rows (or null for no gradient caching).")
-    require(cfg, "trainer.max_epochs", cfg.trainer.max_epochs >= 1 or cfg.trainer.max_steps > 0,
+    epochs, steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
+    for key, value in (("trainer.max_epochs", epochs), ("trainer.max_steps", steps)):
+        require(cfg, key, value is None or isinstance(value, int), "must be a whole number (or null).")
+    require(cfg, "trainer.max_epochs", (epochs or 0) >= 1 or (steps or 0) > 0,
             "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
+    if cfg.validation.enabled:
+        require(cfg, "validation.every_n_epochs", isinstance(cfg.validation.every_n_epochs, int)
+                and cfg.validation.every_n_epochs >= 1, "must be 1 or more (or validation.enabled=false).")
+        every = cfg.validation.get("every_n_steps")
+        require(cfg, "validation.every_n_steps", every is None or (isinstance(every, int) and every >= 1),
+                "must be 1 or more (or null).")
+    require(cfg, "eval.index", cfg.eval.index in ("flat", "hnsw", "torch"), "is not flat, hnsw or torch.")
+    if cfg.negatives.get("clusters") is not None:
+        require(cfg, "negatives.clusters", cfg.negatives.clusters >= 1, "must be at least 1.")
+        require(cfg, "negatives.clusters_per_batch", 1 <= cfg.negatives.clusters_per_batch <= cfg.batch_size,
+                "must lie between 1 and batch_size.")
+    if cfg.negatives.get("refresh"):
+        require(cfg, "negatives.refresh.every_n_steps", cfg.negatives.refresh.every_n_steps >= 1, "must be 1 or more.")
     if cfg.negatives.get("file"):
         require(cfg, "pairs", cfg.pairs._target_.endswith("SupervisedPairs"),
                 "cannot use a mined negatives file: only pairs=supervised draws its negatives from one.")
+    if cfg.get("module") and cfg.negatives.module._target_.endswith("MoCoModule"):
+        raise ConfigError(f"negatives=moco cannot be used with module={cfg.module._target_.rsplit('.', 1)[-1]}: "
+                          "that module trains on negatives files, without a momentum queue.")
     if cfg.negatives.module._target_.endswith("MoCoModule"):
-        require(cfg, "model.shared_towers", cfg.model.shared_towers,
+        from retrieval_lab.models.encoder import read_saved_settings
+
+        saved = read_saved_settings(cfg.model.name_or_path) or {}  # a model saved by training keeps its towers
+        require(cfg, "model.shared_towers", cfg.model.shared_towers and saved.get("shared_towers", True),
                 "cannot train with negatives=moco: the momentum key encoder follows the query tower, so a separate "
                 "document tower would never be trained.")
         require(cfg, "loss.side", cfg.loss.get("side", "query") == "query",
@@ -74,6 +98,9 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.model._target_.endswith("CrossEncoder") != (module == "CrossEncoderModule"):
         raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
                           "the other modules train a bi-encoder model.")
+    if module == "CrossEncoderModule" and loss != "InfoNCELoss":
+        raise ConfigError(f"module=cross_encoder trains with a fixed objective (cross-entropy over each group): "
+                          f"loss={loss} would be ignored; leave loss at its default.")
     if module == "CrossEncoderModule" and (cfg.negatives.get("refresh") or cfg.negatives.get("clusters")):
         raise ConfigError("module=cross_encoder trains on fixed negatives files (negatives=bm25): ANCE re-mining and "
                           "TAS clustering need a bi-encoder's embeddings.")

@@ -43,10 +43,20 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
     ("data.dev_fraction=0", "data.dev_fraction"),
     ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("trainer.max_epochs=null trainer.max_steps=0", "trainer.max_epochs"),
+    ("trainer.max_steps=1.5", "trainer.max_steps"),
+    ("checkpoint.every_n_steps=-1", "checkpoint.every_n_steps"),
+    ("validation.every_n_epochs=0", "validation.every_n_epochs"),
+    ("validation.every_n_steps=0", "validation.every_n_steps"),
+    ("eval.index=ivf", "eval.index"),
+    ("negatives=tas negatives.clusters_per_batch=0", "negatives.clusters_per_batch"),
+    ("negatives=ance negatives.refresh.every_n_steps=0", "negatives.refresh.every_n_steps"),
+    ("module=cross_encoder negatives=moco", "negatives=moco cannot be used with module=CrossEncoderModule"),
+    ("module=cross_encoder loss=margin_mse", "loss=MarginMSELoss would be ignored"),
 ])
 def test_impossible_settings_are_refused(override, key):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[override], return_hydra_config=True)
+        cfg = compose(config_name="train", overrides=override.split(), return_hydra_config=True)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config.check_train_config(cfg)
 
