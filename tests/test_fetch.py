@@ -1,7 +1,9 @@
-"""The data step's download path, exercised offline through a file:// address standing in for the BEIR server."""
+"""The data step: the download path, exercised offline through a file:// address standing in for the BEIR server,
+and --force, which replaces the data set but never what was written beside it."""
 from __future__ import annotations
 
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +30,51 @@ def test_unreachable_address_is_one_sentence(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not download .* pass --source"):
         fetch_module.fetch("toy", tmp_path / "data")
     assert not (tmp_path / "data" / "toy").exists()
+
+
+def _fetched_with_negatives(beir_folder, tmp_path):
+    """A fetched copy whose corpus differs from the source's, with mined and teacher-scored negatives beside it."""
+    target = fetch_module.fetch("toy", tmp_path / "data", source=beir_folder)
+    (target / "corpus.jsonl").write_text((beir_folder / "corpus.jsonl").read_text().splitlines()[0] + "\n")
+    (target / "negatives").mkdir()
+    written = {"bm25-train.jsonl": '{"qid": "q1", "neg": ["d2"]}\n', "ce-train.jsonl": '{"qid": "q1", "s": [0.5]}\n'}
+    for file, text in written.items():
+        (target / "negatives" / file).write_text(text)
+    return target, written
+
+
+def test_force_replaces_the_data_set_and_keeps_negatives(beir_folder, tmp_path):
+    target, written = _fetched_with_negatives(beir_folder, tmp_path)
+    assert fetch_module.fetch("toy", tmp_path / "data", source=beir_folder, force=True) == target
+    assert (target / "corpus.jsonl").read_bytes() == (beir_folder / "corpus.jsonl").read_bytes()
+    assert {p.name: p.read_text() for p in (target / "negatives").iterdir()} == written
+    assert not list((tmp_path / "data").glob(".toy.*"))
+
+
+@pytest.mark.parametrize("failing", ["copy", "swap"])
+def test_force_that_fails_midway_loses_nothing(beir_folder, tmp_path, monkeypatch, failing):
+    target, written = _fetched_with_negatives(beir_folder, tmp_path)
+    corpus_before = (target / "corpus.jsonl").read_text()
+    if failing == "copy":  # the disk fills while the negatives are copied into the new folder
+        copytree = fetch_module.shutil.copytree
+
+        def flaky_copytree(src, dst, *args, **kwargs):
+            if Path(src).name == "negatives":
+                raise OSError(28, "No space left on device")
+            return copytree(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(fetch_module.shutil, "copytree", flaky_copytree)
+    else:  # the new folder cannot be moved into place
+        rename = Path.rename
+
+        def flaky_rename(self, to):
+            if self.name == "staged":
+                raise OSError(13, "Permission denied")
+            return rename(self, to)
+
+        monkeypatch.setattr(Path, "rename", flaky_rename)
+    with pytest.raises(OSError):
+        fetch_module.fetch("toy", tmp_path / "data", source=beir_folder, force=True)
+    assert (target / "corpus.jsonl").read_text() == corpus_before
+    assert {p.name: p.read_text() for p in (target / "negatives").iterdir()} == written
+    assert not list((tmp_path / "data").glob(".toy.*"))

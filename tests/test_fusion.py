@@ -77,3 +77,13 @@ def test_bm25_keeps_jax_off_the_gpu_unless_told(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     BM25Retriever().retrieve(corpus, {"q": "protein"}, k=1)
     assert os.environ["JAX_PLATFORMS"] == "cuda"
+
+
+def test_tied_scores_rank_and_cut_in_trec_eval_order():
+    """trec_eval breaks score ties by doc id descending; RRF's ranks and the top-k cut do the same."""
+    from retrieval_lab.retrieval.fusion import top_k
+
+    tied = {"q": {"a": 1.0, "b": 1.0, "c": 0.5}}  # ranks: b 1, a 2, c 3
+    assert reciprocal_rank_fusion([tied], rrf_k=60)["q"] == pytest.approx({"b": 1 / 61, "a": 1 / 62, "c": 1 / 63})
+    assert top_k({"q": {"a": 1.0, "c": 0.5, "b": 1.0}}, 1) == {"q": {"b": 1.0}}
+    assert list(top_k({"q": {"x": 0.2, "a": 0.7, "y": 0.2, "b": 0.2}}, 3)["q"]) == ["a", "y", "x"]

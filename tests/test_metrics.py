@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from retrieval_lab.retrieval.metrics import evaluate_run
+from retrieval_lab.retrieval.metrics import evaluate_run, per_query
 from retrieval_lab.retrieval.runfile import read_trec_run, write_trec_run
 
 QRELS = {
@@ -87,3 +87,56 @@ def test_run_file_round_trip_is_trec_format(tmp_path):
     first = path.read_text().splitlines()[0].split()
     assert first == ["q1", "Q0", "d4", "1", "9.000000", "x"]
     assert read_trec_run(path) == RUN
+
+
+# Tied scores. trec_eval orders each query by score descending, then doc id descending (strcmp(p2, p1) in
+# comp_sim_docno, form_res_rels.c), whatever the file order; the rankings below are written out by hand.
+TIED_QRELS = {"t1": {"a": 1}, "t2": {"b": 2, "c": 1}, "t3": {"d05": 1}}
+TIED_RUN = {
+    "t1": {"a": 1.0, "b": 1.0, "c": 1.0},             # trec_eval: c, b, a
+    "t2": {"a": 2.0, "b": 1.0, "c": 1.0, "d": 1.0},   # trec_eval: a, d, c, b
+    "t3": {f"d{i:02d}": 0.5 for i in range(40)},      # trec_eval: d39, d38, ..., d05 at rank 35, ..., d00
+}
+L2 = math.log2
+TIED_EXPECTED = {  # per query t1, t2, t3
+    "mrr@10": [1 / 3, 1 / 3, 0.0],
+    "ndcg@3": [1 / L2(4), (1 / L2(4)) / (2 + 1 / L2(3)), 0.0],
+    "ndcg@10": [1 / L2(4), (1 / L2(4) + 2 / L2(5)) / (2 + 1 / L2(3)), 0.0],
+    "map@100": [1 / 3, (1 / 3 + 2 / 4) / 2, 1 / 35],
+    "precision@2": [0.0, 0.0, 0.0],
+    "recall@3": [1.0, 0.5, 0.0],
+}
+
+
+@pytest.mark.parametrize("order", ["as written", "reversed", "shuffled"])
+def test_tied_scores_follow_trec_eval_whatever_the_insertion_order(order):
+    import random
+
+    def reorder(docs):
+        items = list(docs.items())
+        if order == "reversed":
+            items.reverse()
+        elif order == "shuffled":
+            random.Random(7).shuffle(items)
+        return dict(items)
+
+    run = {q: reorder(docs) for q, docs in TIED_RUN.items()}
+    means = evaluate_run(TIED_QRELS, run, list(TIED_EXPECTED))
+    assert means == pytest.approx({m: sum(v) / 3 for m, v in TIED_EXPECTED.items()}, abs=1e-9)
+    queries = per_query(TIED_QRELS, run, list(TIED_EXPECTED))
+    for metric, values in TIED_EXPECTED.items():
+        assert queries[metric] == pytest.approx(dict(zip(["t1", "t2", "t3"], values)), abs=1e-9), metric
+
+
+def test_run_file_ranks_tied_scores_in_trec_eval_order(tmp_path):
+    path = tmp_path / "run.trec"
+    write_trec_run(TIED_RUN, path)
+    ranks = {}
+    for line in path.read_text().splitlines():
+        qid, _, doc, rank, _, _ = line.split()
+        ranks.setdefault(qid, []).append((int(rank), doc))
+    assert [d for _, d in sorted(ranks["t1"])] == ["c", "b", "a"]
+    assert [d for _, d in sorted(ranks["t2"])] == ["a", "d", "c", "b"]
+    assert [d for _, d in sorted(ranks["t3"])] == [f"d{i:02d}" for i in range(39, -1, -1)]
+    assert evaluate_run(TIED_QRELS, read_trec_run(path), list(TIED_EXPECTED)) == pytest.approx(
+        {m: sum(v) / 3 for m, v in TIED_EXPECTED.items()}, abs=1e-9)

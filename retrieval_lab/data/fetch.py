@@ -11,6 +11,7 @@ from retrieval_lab.data.beir import BeirDataset, available_splits
 from retrieval_lab.errors import DataError
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+DATA_SET_FILES = ("corpus.jsonl", "queries.jsonl", "qrels")  # what fetch --force replaces in an existing folder
 
 
 def validate(folder: Path) -> str:
@@ -46,7 +47,13 @@ def _download(name: str, workdir: Path) -> Path:
 
 
 def fetch(name: str, dest: str | Path = "data", source: str | Path | None = None, force: bool = False) -> Path:
-    """Make ``dest/name`` a validated BEIR folder, from ``source`` if given, else from the BEIR download address."""
+    """Make ``dest/name`` a validated BEIR folder, from ``source`` if given, else from the BEIR download address.
+
+    With ``force`` an existing folder's data set files (corpus.jsonl, queries.jsonl, qrels/) are replaced by the
+    source's; everything else in it, e.g. ``negatives/`` written by ``retrieval_lab.mine`` and
+    ``retrieval_lab.score``, is copied into the new folder (over a same-named file of the source). The old folder
+    stays in place until the new one is complete, so a failed copy leaves it as it was.
+    """
     target = Path(dest) / name
     if target.exists() and not force:
         print(validate(target))
@@ -60,7 +67,21 @@ def fetch(name: str, dest: str | Path = "data", source: str | Path | None = None
         staged = tmp / "staged"
         shutil.copytree(origin, staged, ignore=shutil.ignore_patterns("*.zip"))
         if target.exists():
-            shutil.rmtree(target)
-        staged.rename(target)  # appears whole or not at all
+            for kept in sorted(target.iterdir()):  # user outputs (negatives/, ...) travel into the new copy
+                if kept.name in DATA_SET_FILES:
+                    continue
+                if kept.is_dir():
+                    shutil.copytree(kept, staged / kept.name, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(kept, staged / kept.name, follow_symlinks=False)
+            old = tmp / "old"
+            target.rename(old)  # the swap is two renames; the old folder goes only with the temporary directory
+            try:
+                staged.rename(target)
+            except OSError:
+                old.rename(target)
+                raise
+        else:
+            staged.rename(target)  # appears whole or not at all
     print(summary.replace(str(origin), str(target), 1))
     return target

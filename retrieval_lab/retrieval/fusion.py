@@ -3,14 +3,14 @@
 Linear fusion as in Ma et al. (2021), "A Replication Study of Dense Passage Retriever": over the union of a
 query's top-``depth`` lists, s(d) = s_dense(d) + alpha * s_bm25(d), where a document missing from one list takes
 that list's lowest top-``depth`` score. Reciprocal-rank fusion (Cormack et al., 2009): s(d) = sum over lists of
-1 / (rrf_k + rank(d)), ranks from 1, a missing document contributing nothing. With ``alpha=None`` the weight is
-chosen on a dev split (best ``tune_metric`` over ``alphas``).
+1 / (rrf_k + rank(d)), ranks from 1 in trec_eval's order (tied scores by doc id descending), a missing document
+contributing nothing. With ``alpha=None`` the weight is chosen on a dev split (best ``tune_metric`` over ``alphas``).
 """
 from __future__ import annotations
 
 from retrieval_lab.data.beir import BeirSplit, Document
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.metrics import Run, evaluate_run
+from retrieval_lab.retrieval.metrics import Run, evaluate_run, ranked
 
 METHODS = ("linear", "rrf")
 
@@ -28,15 +28,15 @@ def reciprocal_rank_fusion(runs: list[Run], rrf_k: int = 60) -> Run:
     fused: Run = {}
     for run in runs:
         for qid, docs in run.items():
-            ranked = sorted(docs.items(), key=lambda item: (-item[1], item[0]))
             out = fused.setdefault(qid, {})
-            for rank, (doc_id, _) in enumerate(ranked, start=1):
+            for rank, (doc_id, _) in enumerate(ranked(docs), start=1):
                 out[doc_id] = out.get(doc_id, 0.0) + 1.0 / (rrf_k + rank)
     return fused
 
 
 def top_k(run: Run, k: int) -> Run:
-    return {q: dict(sorted(docs.items(), key=lambda item: (-item[1], item[0]))[:k]) for q, docs in run.items()}
+    """Each query's first ``k`` documents in trec_eval's order (ties by doc id descending)."""
+    return {q: dict(ranked(docs)[:k]) for q, docs in run.items()}
 
 
 class HybridRetriever:

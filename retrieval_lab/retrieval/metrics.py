@@ -8,6 +8,15 @@ Run = dict[str, dict[str, float]]
 DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100", "precision@10")
 
 
+def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:
+    """(doc id, score) pairs in trec_eval's order: score descending, ties by doc id descending.
+
+    trec_eval re-sorts every query this way (``comp_sim_docno`` in form_res_rels.c), ignoring the rank column;
+    metrics, run-file ranks and top-k cuts all use this order so they agree with it.
+    """
+    return sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)
+
+
 def _ranx_inputs(qrels: Qrels, run: Run):
     from ranx import Qrels as RanxQrels
     from ranx import Run as RanxRun
@@ -15,7 +24,12 @@ def _ranx_inputs(qrels: Qrels, run: Run):
     judged = {q: {d: int(s) for d, s in docs.items() if s > 0} for q, docs in qrels.items()}
     judged = {q: docs for q, docs in judged.items() if docs}
     # ranx needs every judged query in the run; an empty ranking is a dummy document with no judgement.
-    filled = {q: (run.get(q) or {"__no_result__": 0.0}) for q in judged}
+    # ranx breaks score ties arbitrarily (an unstable sort), so it gets strictly decreasing scores, one per rank
+    # in trec_eval's order; every metric here depends on the order only.
+    filled = {}
+    for q in judged:
+        order = ranked(run.get(q) or {"__no_result__": 0.0})
+        filled[q] = {doc: float(len(order) - i) for i, (doc, _) in enumerate(order)}
     return RanxQrels(judged), RanxRun(filled)
 
 

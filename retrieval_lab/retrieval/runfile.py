@@ -5,7 +5,9 @@ import json
 import os
 from pathlib import Path
 
+from retrieval_lab.data.beir import read_lines
 from retrieval_lab.errors import DataError
+from retrieval_lab.retrieval.metrics import ranked
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -24,11 +26,12 @@ def write_json(path: str | Path, data) -> None:
 
 
 def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str = "retrieval_lab") -> None:
-    """``qid Q0 docid rank score tag``, ranks from 1 in descending score order."""
+    """``qid Q0 docid rank score tag``, ranks from 1 in trec_eval's order (score descending, ties by doc id
+    descending)."""
     lines = []
     for qid in sorted(run):
-        ranked = sorted(run[qid].items(), key=lambda item: (-item[1], item[0]))
-        lines.extend(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}" for rank, (doc, score) in enumerate(ranked, 1))
+        order = ranked(run[qid])
+        lines.extend(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}" for rank, (doc, score) in enumerate(order, 1))
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
@@ -37,17 +40,16 @@ def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
     if not path.is_file():
         raise DataError(f"run file {path} not found.")
     run: dict[str, dict[str, float]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 6:
-                raise DataError(f"{path} line {lineno} has {len(fields)} fields, a TREC run line has 6.")
-            try:
-                run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
-            except ValueError:
-                raise DataError(f"{path} line {lineno}: score {fields[4]!r} is not a number.") from None
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 6:
+            raise DataError(f"{path} line {lineno} has {len(fields)} fields, a TREC run line has 6.")
+        try:
+            run.setdefault(fields[0], {})[fields[2]] = float(fields[4])
+        except ValueError:
+            raise DataError(f"{path} line {lineno}: score {fields[4]!r} is not a number.") from None
     return run
 
 
