@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from retrieval_lab.data.beir import Qrels
 from retrieval_lab.data.negatives import QueryNegatives
+from retrieval_lab.retrieval.metrics import ranked
 
 
 def mine_negatives(run: dict[str, dict[str, float]], qrels: Qrels, n_neg: int = 30, skip_top: int = 0,
@@ -18,13 +19,13 @@ def mine_negatives(run: dict[str, dict[str, float]], qrels: Qrels, n_neg: int = 
         positives = sorted(d for d, s in qrels[qid].items() if s > 0)
         if not positives:
             continue
-        ranked = sorted(run.get(qid, {}).items(), key=lambda item: (-item[1], item[0]))
-        pos_scores = [s for d, s in ranked if d in positives]
-        candidates = [(d, s) for d, s in ranked if d not in positives][skip_top:]
+        order = ranked(run.get(qid, {}))  # ties as trec_eval breaks them
+        pos_scores = [s for d, s in order if d in positives]
+        candidates = [(d, s) for d, s in order if d not in positives][skip_top:]
         if score_ratio is not None and pos_scores:
             candidates = [(d, s) for d, s in candidates if s < score_ratio * max(pos_scores)]
         negatives = candidates[:n_neg]
-        scores = {d: s for d, s in ranked if d in positives}
+        scores = {d: s for d, s in order if d in positives}
         scores.update(negatives)
         mined[qid] = QueryNegatives(positives, [d for d, _ in negatives], scores)
     return mined

@@ -5,6 +5,7 @@ from __future__ import annotations
 from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.retrieval.encoding import pick_device
+from retrieval_lab.retrieval.metrics import ranked
 
 
 class Reranker:
@@ -23,10 +24,10 @@ class Reranker:
         """The top ``min(k, depth)`` of each query's first-stage candidates, by cross-encoder score."""
         candidates = self.first_stage.retrieve(corpus, queries, max(k, self.depth))
         pairs = [(qid, doc_id) for qid, docs in candidates.items()
-                 for doc_id, _ in sorted(docs.items(), key=lambda item: (-item[1], item[0]))[:self.depth]]
+                 for doc_id, _ in ranked(docs)[:self.depth]]
         scores = self.cross_encoder.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs],
                                           self.batch_size, self.device, self.progress)
         run: dict[str, dict[str, float]] = {qid: {} for qid in queries}
         for (qid, doc_id), score in zip(pairs, scores):
             run[qid][doc_id] = score
-        return {qid: dict(sorted(docs.items(), key=lambda item: -item[1])[:k]) for qid, docs in run.items()}
+        return {qid: dict(ranked(docs)[:k]) for qid, docs in run.items()}  # ties as trec_eval breaks them
