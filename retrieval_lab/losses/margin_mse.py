@@ -1,8 +1,10 @@
 """Margin-MSE: distil a teacher's score margins into the student.
 
 Hofstätter et al. (2020), "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge
-Distillation"; with the in-batch term as in Hofstätter et al. (2021), "Efficiently Teaching an Effective Dense
-Retriever with Balanced Topic Aware Sampling" (TAS-B).
+Distillation"; the optional in-batch term follows the idea of Hofstätter et al. (2021), "Efficiently Teaching an
+Effective Dense Retriever with Balanced Topic Aware Sampling" (TAS-B), with a difference: TAS-B distils in-batch
+pairs from a second teacher (ColBERT) by Margin-MSE, while here they are in-batch negatives of InfoNCE (no
+second teacher needed).
 
 For query i with group (d_{i,0} = positive, d_{i,1..G-1} = negatives), student scores S_ig = scale * q_i . d_{i,g}
 and teacher scores T_ig (from the negatives file, no gradient):

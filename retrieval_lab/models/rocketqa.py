@@ -8,7 +8,9 @@ with S_ig = q_i . d_{i,g}), and the ranker from supervised cross-entropy on the 
 
     L = L_KL(R.detach(), S) + L_CE(R, positive)
 
-so the teacher moves with the training ("dynamic") but is taught by labels only.
+so the teacher moves with the training ("dynamic") but is taught by labels only. This differs from the paper,
+where the KL term also trains the re-ranker (both models learn from L_KL + L_sup, "joint training"); detaching
+the ranker keeps it from drifting towards an untrained retriever's scores.
 """
 from __future__ import annotations
 
