@@ -23,14 +23,12 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
 
 def average_gradients(params: list[torch.Tensor], bucket: int = 1 << 24) -> None:
     """Average the gradients of ``params`` over the processes of torch.distributed (as DDP does), ``bucket``
-    elements per all-reduce. A parameter without gradient counts as a zero gradient (every process runs the
-    same towers, so all have gradients for the same parameters)."""
+    elements per all-reduce. Parameters without gradient (unused, as a pooler that mean pooling skips) keep none,
+    as under DDP; every process runs the same towers, so all have gradients for the same parameters."""
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    params = [p for p in params if p.grad is not None]
     start = 0
     while start < len(params):
         end, size = start, 0
