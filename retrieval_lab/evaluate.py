@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config  # noqa: F401  (registers resolvers)
 from retrieval_lab.data.beir import BeirDataset, BeirSplit, carve_dev
-from retrieval_lab.errors import exit_on_user_error
+from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.fusion import HybridRetriever
 from retrieval_lab.retrieval.runfile import write_json
@@ -28,6 +28,8 @@ def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    for key in sorted(OmegaConf.missing_keys(cfg)):  # e.g. model=hf, reranker=cross_encoder without a name
+        raise ConfigError(f"config key {key} must be set ({key}=...).")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     dataset = BeirDataset(cfg.data.path)
     if cfg.get("token_cache_dir"):  # imported here: BM25 alone needs no torch
@@ -47,7 +49,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if isinstance(retriever, HybridRetriever):
         extra = {"alpha": retriever.alpha, "dev_" + retriever.tune_metric: retriever.tuning or None}
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
-                                          "model": cfg.model.name_or_path if "encoder" in cfg.retriever else None,
+                                          "model": OmegaConf.select(cfg, "retriever.encoder.name_or_path")  # dense
+                                          or OmegaConf.select(cfg, "retriever.dense.encoder.name_or_path"),  # hybrid
                                           "reranker": OmegaConf.select(cfg, "reranker.cross_encoder.name_or_path"),
                                           "metrics": scores, **extra, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")

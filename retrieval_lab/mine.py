@@ -2,7 +2,8 @@
 
 Retrieves the top ``depth`` documents for every query of the split, removes the judged positives and writes
 the negatives file of DESIGN.md (default: ``<data.path>/negatives/<retriever>-<split>.jsonl``). With
-``denoise.cross_encoder=<folder>``, candidates the cross-encoder scores as high as a positive are dropped.
+``denoise.cross_encoder=<folder>``, candidates the cross-encoder scores as high as a positive are dropped (default
+output: ``<retriever>-denoised-<split>.jsonl``, next to the plain file).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config  # noqa: F401  (registers resolvers)
 from retrieval_lab.data.beir import BeirDataset
@@ -20,7 +21,13 @@ from retrieval_lab.mining.negatives import denoise, mine_negatives
 from retrieval_lab.retrieval.encoding import pick_device
 
 
+# the default output of a denoised mining, <retriever>-denoised-<split>.jsonl, never replaces the plain negatives
+OmegaConf.register_new_resolver("suffix_if", lambda value, suffix: suffix if value else "", replace=True)
+
+
 def mine(cfg: DictConfig) -> Path:
+    for key in sorted(OmegaConf.missing_keys(cfg)):  # e.g. retriever=dense model=hf without a name
+        raise ConfigError(f"config key {key} must be set ({key}=...).")
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")

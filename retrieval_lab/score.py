@@ -11,7 +11,7 @@ from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from retrieval_lab import config  # noqa: F401  (registers resolvers)
 from retrieval_lab.data.beir import BeirDataset
@@ -27,6 +27,12 @@ def score(cfg: DictConfig) -> Path:
     dataset = BeirDataset(cfg.data.path)
     split = cfg.get("split")
     records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
+    if OmegaConf.is_missing(cfg.model, "name_or_path"):
+        raise ConfigError("config key model.name_or_path must be set: the teacher, a trained cross-encoder folder "
+                          "(module=cross_encoder's <run dir>/model).")
+    if cfg.model.name_or_path == "packaged:minilm":
+        raise ConfigError("model.name_or_path=packaged:minilm is a bi-encoder, not a cross-encoder: its classifier "
+                          "head would score at random; give a trained cross-encoder folder.")
     teacher = instantiate(cfg.model)
     device = pick_device(cfg.device)
     teacher.to(device)

@@ -202,3 +202,23 @@ def test_rocketqa_ranker_learns_from_labels_only_and_retriever_from_the_ranker(t
 def test_distillation_settings_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         config.check_train_config(compose_train(overrides))
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "config key model.name_or_path must be set"),
+    (["model.name_or_path=packaged:minilm"], "model.name_or_path=packaged:minilm is a bi-encoder, not a cross-encoder"),
+])
+def test_score_refuses_a_missing_or_untrained_teacher(args, needle, bm25_negatives, beir_folder, tmp_path):
+    result = run_module("retrieval_lab.score", "data=beir", f"data.path={beir_folder}", f"input={bm25_negatives}",
+                        f"output={tmp_path / 'ce.jsonl'}", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {needle}")
+    assert not (tmp_path / "ce.jsonl").exists()
+
+
+def test_rerank_without_a_cross_encoder_names_the_key(beir_folder, tmp_path):
+    result = run_module("retrieval_lab.evaluate", "retriever=bm25", "reranker=cross_encoder", "data=beir",
+                        f"data.path={beir_folder}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: config key reranker.cross_encoder.name_or_path must be set")

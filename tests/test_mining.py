@@ -80,3 +80,20 @@ def test_groups_hold_the_positive_then_mined_negatives(beir_folder, tmp_path):
         assert len(other["doc_ids"]) == 3 and "d2" not in other["doc_ids"][1:]
     assert seen == {"d5", "d6", "d7"}
     json.loads(path.read_text().splitlines()[0])
+
+
+def test_denoised_mining_keeps_the_plain_negatives_file(beir_folder, tiny_model, tmp_path):
+    """`denoise.cross_encoder=...` writes <retriever>-denoised-<split>.jsonl by default, not over the plain file
+    that negatives=bm25 and score read."""
+    import shutil
+
+    folder = shutil.copytree(beir_folder, tmp_path / "beir")  # the default output lies inside the data folder
+    common = ["data=beir", f"data.path={folder}", "n_neg=5"]
+    plain = run_module("retrieval_lab.mine", *common, f"hydra.run.dir={tmp_path / 'run1'}")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    before = (folder / "negatives" / "bm25-train.jsonl").read_text()
+    denoised = run_module("retrieval_lab.mine", *common, f"denoise.cross_encoder={tiny_model}",
+                          "denoise.max_length=64", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert denoised.returncode == 0, denoised.stderr[-2000:]
+    assert (folder / "negatives" / "bm25-train.jsonl").read_text() == before
+    assert (folder / "negatives" / "bm25-denoised-train.jsonl").is_file()

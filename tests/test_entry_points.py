@@ -1,0 +1,37 @@
+"""What the entry points share: conf/model choices that need a name refuse to run without one, and metrics.json
+names the model that ran."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_module
+
+
+def test_hf_model_has_minilm_settings_but_no_name():
+    """conf/model/hf.yaml writes minilm.yaml's settings out (a `???` over a default list's name would be lost)."""
+    hf, minilm = (yaml.safe_load((ROOT / "conf" / "model" / f"{n}.yaml").read_text()) for n in ("hf", "minilm"))
+    assert hf == {**minilm, "name_or_path": "???"}
+
+
+@pytest.mark.parametrize("entry,args", [
+    ("train", ["logger=csv", "eval.before=false", "eval.after=false", "save_model=false", "trainer.max_steps=1"]),
+    ("evaluate", []),
+    ("mine", ["retriever=dense"]),
+])
+def test_model_hf_without_a_name_is_refused(entry, args, beir_folder, tmp_path):
+    if entry == "mine":
+        args = [*args, f"output={tmp_path / 'neg.jsonl'}"]
+    result = run_module(f"retrieval_lab.{entry}", "model=hf", "data=beir", f"data.path={beir_folder}", *args,
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: config key model.name_or_path must be set")
+
+
+def test_hybrid_evaluation_records_the_dense_model(tiny_model, beir_folder, tmp_path):
+    result = run_module("retrieval_lab.evaluate", "retriever=hybrid", f"model.name_or_path={tiny_model}",
+                        "retriever.alpha=0.1", "data=beir", f"data.path={beir_folder}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"] == str(tiny_model)
