@@ -99,7 +99,7 @@ def test_processes_take_disjoint_equal_shares_and_skip_their_own_batches(tas, mo
     whole = list(make())  # one process: 15 TAS batches, or a shuffle of the 61 examples
     shares = []
     for rank in (0, 1):
-        monkeypatch.setattr(sampling, "rank_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(sampling, "distributed_rank_world", lambda rank=rank: (rank, 2))
         sampler = make()
         share = list(sampler)
         assert len(sampler) == len(share) == (7 if tas else 30)  # 15 // 2 batches, 61 // 2 examples

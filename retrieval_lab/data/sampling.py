@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.retrieval.dense import distributed_rank_world
 
 
 def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: int = 1) -> np.ndarray:
@@ -47,15 +48,6 @@ def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: 
         labels = np.where(labels == smallest, similarity.argmax(1), labels)
 
 
-def rank_world() -> tuple[int, int]:
-    """This process's rank and the number of processes under torch.distributed (0, 1 outside it)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class EpochSampler(Sampler[int]):
     """A shuffle fixed by (seed, epoch). Lightning calls ``set_epoch`` before every epoch; the dataset hears it
     too, so its per-example draws (positives, negatives, crops) change with the epoch and stay reproducible.
@@ -73,10 +65,10 @@ class EpochSampler(Sampler[int]):
             self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset) // rank_world()[1]
+        return len(self.dataset) // distributed_rank_world()[1]
 
     def __iter__(self):
-        rank, world = rank_world()
+        rank, world = distributed_rank_world()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator).tolist()[rank::world][:len(self)]
         order, self.skip = order[self.skip:], 0
@@ -115,10 +107,10 @@ class ClusterBatchSampler(Sampler[list[int]]):
                               f"a batch takes from it; cluster with min_size set (see cluster_embeddings).")
 
     def __len__(self) -> int:
-        return len(self.clusters) // self.batch_size // rank_world()[1]  # this process's batches
+        return len(self.clusters) // self.batch_size // distributed_rank_world()[1]  # this process's batches
 
     def __iter__(self):
-        rank, world = rank_world()
+        rank, world = distributed_rank_world()
         rng = random.Random(self.seed * 1_000_003 + self.sampler.epoch)  # the same in every process and run
         streams = {c: [] for c in self.members}
         ids = sorted(self.members)
