@@ -68,6 +68,9 @@ def check_train_config(cfg: DictConfig) -> None:
         require(cfg, "validation.every_n_steps", every is None or (isinstance(every, int) and every >= 1),
                 "must be 1 or more (or null).")
     require(cfg, "eval.index", cfg.eval.index in ("flat", "hnsw", "torch"), "is not flat, hnsw or torch.")
+    from retrieval_lab.retrieval.metrics import check_metrics
+
+    check_metrics(cfg.eval.metrics)
     if cfg.negatives.get("clusters") is not None:
         require(cfg, "negatives.clusters", cfg.negatives.clusters >= 1, "must be at least 1.")
         require(cfg, "negatives.clusters_per_batch", 1 <= cfg.negatives.clusters_per_batch <= cfg.batch_size,

@@ -17,6 +17,7 @@ from retrieval_lab.data.beir import BeirDataset, BeirSplit, carve_dev
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.fusion import HybridRetriever
+from retrieval_lab.retrieval.metrics import check_metrics
 from retrieval_lab.retrieval.runfile import write_json
 
 
@@ -30,6 +31,9 @@ def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
 def evaluate(cfg: DictConfig) -> dict:
     for key in sorted(OmegaConf.missing_keys(cfg)):  # e.g. model=hf, reranker=cross_encoder without a name
         raise ConfigError(f"config key {key} must be set ({key}=...).")
+    check_metrics(cfg.metrics, "metrics")
+    if cfg.retriever.get("tune_metric"):
+        check_metrics([cfg.retriever.tune_metric], "retriever.tune_metric")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     dataset = BeirDataset(cfg.data.path)
     if cfg.get("token_cache_dir"):  # imported here: BM25 alone needs no torch

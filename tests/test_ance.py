@@ -136,3 +136,22 @@ def test_the_table_in_use_travels_with_the_checkpoint(beir_folder, bm25_negative
     assert resumed.negatives != refreshed
     AnceRefresh(resumed).load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     assert resumed.negatives == refreshed
+
+
+def test_every_refresh_after_the_first_reuses_the_tokenised_corpus(tiny_model, beir_folder):
+    """The refresh's snapshot of the encoder shares its tokenizer, so the token cache (keyed by the tokenizer)
+    tokenises the corpus and the queries once, not at every refresh, and holds one copy of each."""
+    from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
+
+    misses = TOKEN_CACHE.misses
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d58", "d59"])
+    encoder = Encoder(str(tiny_model))
+    refresh = AnceRefresh(train_set, every_n_steps=1, depth=20, n_neg=3, background=False)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[refresh])
+    trainer.fit(BiEncoderModule(encoder, InfoNCELoss()),
+                datamodule=RetrievalDataModule(train_set, GroupCollator(encoder.tokenizer, 16, 16), batch_size=4))
+    assert len(refresh.history) == 3  # three refreshes, each encoding the corpus and the training queries
+    assert TOKEN_CACHE.misses - misses == 2
+    assert sum(entry[0] is encoder.tokenizer for entry in TOKEN_CACHE.entries.values()) == 2

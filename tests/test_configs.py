@@ -49,6 +49,7 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("validation.every_n_epochs=0", "validation.every_n_epochs"),
     ("validation.every_n_steps=0", "validation.every_n_steps"),
     ("eval.index=ivf", "eval.index"),
+    ("eval.metrics=[ndcg@10,recal@100]", "eval.metrics: 'recal@100'"),
     ("negatives=tas negatives.clusters_per_batch=0", "negatives.clusters_per_batch"),
     ("negatives=ance negatives.refresh.every_n_steps=0", "negatives.refresh.every_n_steps"),
     ("module=cross_encoder negatives=moco", "negatives=moco cannot be used with module=CrossEncoderModule"),

@@ -140,3 +140,25 @@ def test_run_file_ranks_tied_scores_in_trec_eval_order(tmp_path):
     assert [d for _, d in sorted(ranks["t3"])] == [f"d{i:02d}" for i in range(39, -1, -1)]
     assert evaluate_run(TIED_QRELS, read_trec_run(path), list(TIED_EXPECTED)) == pytest.approx(
         {m: sum(v) / 3 for m, v in TIED_EXPECTED.items()}, abs=1e-9)
+
+
+def test_an_unknown_metric_is_refused_before_retrieval_and_a_run_file_survives_scoring(tmp_path):
+    """A metric name ranx does not know stops training and evaluation at start-up, naming the key; and should
+    scoring fail anyway, the run file of the retrieval is already written."""
+    from retrieval_lab.data.beir import BeirSplit, Document
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.retrieval.evaluation import evaluate_retriever
+    from retrieval_lab.retrieval.metrics import check_metrics
+
+    check_metrics(["ndcg@10", "recall@100", "mrr@10", "map@100", "precision@10"])
+    with pytest.raises(ConfigError, match="eval.metrics: 'recal@100' is not a metric"):
+        check_metrics(["ndcg@10", "recal@100"])
+
+    class Fixed:
+        def retrieve(self, corpus, queries, k):
+            return {"q": {"d1": 2.0, "d2": 1.0}}
+
+    split = BeirSplit({"d1": Document("", "a"), "d2": Document("", "b")}, {"q": "a"}, {"q": {"d1": 1}})
+    with pytest.raises(Exception):
+        evaluate_retriever(Fixed(), split, tmp_path / "run.trec", metrics=["recal@100"])
+    assert (tmp_path / "run.trec").read_text().splitlines()[0] == "q Q0 d1 1 2.000000 retrieval_lab"

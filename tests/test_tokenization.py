@@ -100,6 +100,27 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
     assert tokenization.tokenize_ids(tokenization.rust_tokenizer(left, max_length), texts, max_length) == expected
 
 
+def test_pre_tokenizers_that_keep_spaces_inside_tokens_tokenise_whole_texts(tiny_model):
+    """Metaspace(split=False) (Llama-style tokenizer.json files) and ByteLevel(use_regex=False) do not split at
+    spaces, so a token may span the cut of a prefix: those tokenizers take the whole texts (a Unigram model found
+    1 text in 600 of SciFact whose prefix gave other ids); the splitting ones keep the prefix path."""
+    from tokenizers import pre_tokenizers
+
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval import tokenization
+
+    cases = [(load_tokenizer(str(tiny_model)), True), (_trained_tokenizer(pre_tokenizers.Metaspace()), True),
+             (_trained_tokenizer(pre_tokenizers.Metaspace(split=False)), False),
+             (_trained_tokenizer(pre_tokenizers.ByteLevel()), True),
+             (_trained_tokenizer(pre_tokenizers.ByteLevel(use_regex=False)), False)]
+    texts = ["protein cancer " * 40, "cell of the virus " * 30, "a"]
+    for tokenizer, splits in cases:
+        backend = tokenization.rust_tokenizer(tokenizer, 16)
+        assert backend.splits_at_spaces == splits
+        assert tokenization.tokenize_ids(backend, texts, 16) == tokenizer(texts, truncation=True,
+                                                                          max_length=16)["input_ids"]
+
+
 def test_ascii_texts_normalised_in_python_get_the_ids_of_berts_normaliser(tiny_model):
     """ASCII texts skip the Rust normaliser (translated character by character instead): every ASCII character,
     special tokens' text in any case, under each setting of BERT's lowercase and clean_text, give the ids of the

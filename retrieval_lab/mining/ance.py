@@ -81,7 +81,8 @@ class AnceRefresh(L.Callback):
         if step % self.every_n_steps or self._in_flight:
             return
         self._in_flight = True
-        snapshot = copy.deepcopy(pl_module.encoder).eval().requires_grad_(False)  # weights as of this step
+        encoder = pl_module.encoder  # weights as of this step; the tokenizer shared, so the token cache hits
+        snapshot = copy.deepcopy(encoder, memo={id(encoder.tokenizer): encoder.tokenizer}).eval().requires_grad_(False)
         if self.background:
             self._thread = threading.Thread(target=self._refresh, args=(snapshot, step), daemon=True)
             self._thread.start()

@@ -13,8 +13,8 @@ def evaluate_retriever(retriever, split: BeirSplit, run_file: str | Path, k: int
                        metrics=("ndcg@10", "recall@100", "mrr@10"), tag: str = "retrieval_lab") -> dict[str, float]:
     start = time.perf_counter()
     run = retriever.retrieve(split.corpus, split.queries, k)
+    write_trec_run(run, run_file, tag)  # first: the retrieval's work is kept even if scoring fails
     scores = evaluate_run(split.qrels, run, metrics)
-    write_trec_run(run, run_file, tag)
     scores["seconds"] = round(time.perf_counter() - start, 2)
     return scores
 

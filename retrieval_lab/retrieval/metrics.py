@@ -45,6 +45,18 @@ def per_query(qrels: Qrels, run: Run, metrics=DEFAULT_METRICS) -> dict[str, dict
     return {m: {q: float(v) for q, v in zip(qids, scores[m])} for m in metrics}
 
 
+def check_metrics(metrics, key: str = "eval.metrics") -> None:
+    """Refuse, before any retrieval runs, a metric name the metrics library does not know (ConfigError)."""
+    from retrieval_lab.errors import ConfigError
+
+    for metric in metrics:
+        try:
+            evaluate_run({"q": {"d": 1}}, {"q": {"d": 1.0}}, [metric])
+        except Exception as err:  # noqa: BLE001 - ranx raises ValueError or KeyError, depending on the name
+            raise ConfigError(f"{key}: '{metric}' is not a metric ranx knows (e.g. ndcg@10, recall@100, mrr@10, "
+                              f"map@100, precision@10): {str(err).splitlines()[0][:120]}") from None
+
+
 def evaluate_run(qrels: Qrels, run: Run, metrics=DEFAULT_METRICS) -> dict[str, float]:
     """Mean of each metric over the queries of ``qrels``; a query with no retrieved document scores 0.
 

@@ -46,6 +46,9 @@ class RustTokenizer:
         self.settings = self.full.to_str()  # vocabulary, normaliser, truncation, ...: what a worker process rebuilds
         self.key = hashlib.blake2b(self.settings.encode(), digest_size=16).hexdigest()
         config = json.loads(self.settings)
+        pre = config["pre_tokenizer"] or {}  # Metaspace(split=False) and ByteLevel(use_regex=False) do not split
+        self.splits_at_spaces = pre.get("type") in SPLITS_AT_SPACES and pre.get("split", True) and pre.get(
+            "use_regex", True)
         self.bare = None
         if (config["normalizer"] or {}).get("type") == "BertNormalizer" and not any(
                 token["normalized"] for token in config["added_tokens"]):
@@ -117,7 +120,7 @@ def tokenize_ids(backend: RustTokenizer, texts: list[str], max_length: int) -> l
     ``max_length`` tokens has the whole text's first tokens; the others are tokenised again in full."""
     truncation = backend.full.truncation
     keeps_first = truncation is not None and truncation["direction"] == "right"
-    if not keeps_first or type(backend.full.pre_tokenizer).__name__ not in SPLITS_AT_SPACES:
+    if not keeps_first or not backend.splits_at_spaces:
         return backend.ids(texts)
     cut = [cut_at_space(text, CHARS_PER_TOKEN * max_length) for text in texts]
     ids = backend.ids(cut)
