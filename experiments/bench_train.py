@@ -6,9 +6,11 @@ deletion 0.1), padded to their longest text.
                                       [--loader-workers 0 2 4]
 
 For each batch size: query-document pairs per second, model FLOP utilisation and peak GPU memory. Model FLOPs
-of a plain step (forward + backward = 3 forwards) are 3 x (2 x non-embedding weights x real tokens + 4 x layers x
-hidden size x the sum of squared sequence lengths, for attention), as in the PaLM paper's appendix; a cached step
-runs the forward twice, so 4 x. MFU divides by --peak-tflops.
+of a step (forward + backward = 3 forwards) are 3 x (2 x non-embedding weights x real tokens + 4 x layers x
+hidden size x the sum of squared sequence lengths, for attention), as in the PaLM paper's appendix, which leaves
+recomputation out: a cached step runs the forward twice, but its MFU counts 3 x too, so MFU compares the useful
+work of both paths. HFU (hardware FLOP utilisation) counts the cached step's second forward (4 x). Both divide by
+--peak-tflops.
 The baseline is the plain (uncached) step at the largest of the sizes that fits in memory; every cached size
 prints its pairs/s ratio against it. On a CPU it runs, but the memory column and MFU mean little.
 
@@ -117,23 +119,26 @@ def main() -> None:
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                rows.append((size, chunk, None, None, None))
+                rows.append((size, chunk, None, None, None, None))
                 continue
-            flops = model_flops(encoder, batch, 4 if chunk else 3) / seconds
-            rows.append((size, chunk, size / seconds, flops / (args.peak_tflops * 1e12), peak))
+            flops = model_flops(encoder, batch, 3) / seconds  # the model's FLOPs: no recomputation counted
+            peak_flops = args.peak_tflops * 1e12
+            rows.append((size, chunk, size / seconds, flops / peak_flops, flops * (4 if chunk else 3) / 3 / peak_flops,
+                         peak))
             if chunk is None:
                 baseline = (size, size / seconds)
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; {args.model} "
           f"({params / 1e6:.1f}M parameters, {embedding / 1e6:.1f}M of them embeddings), cropping pairs of up to "
           f"{args.max_length} tokens")
-    print("| batch | grad cache chunk | pairs/s | MFU | peak GiB | pairs/s vs plain at the largest batch that fits |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for size, chunk, rate, mfu, peak in rows:
+    print("| batch | grad cache chunk | pairs/s | MFU | HFU | peak GiB | pairs/s vs plain at the largest batch that "
+          "fits |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size, chunk, rate, mfu, hfu, peak in rows:
         if rate is None:
-            print(f"| {size} | {chunk or 'off'} | out of memory | | | |")
+            print(f"| {size} | {chunk or 'off'} | out of memory | | | | |")
             continue
         ratio = f"{rate / baseline[1]:.2f} (plain at {baseline[0]})" if baseline and chunk else ""
-        print(f"| {size} | {chunk or 'off'} | {rate:.1f} | {mfu:.3f} | {peak:.2f} | {ratio} |")
+        print(f"| {size} | {chunk or 'off'} | {rate:.1f} | {mfu:.3f} | {hfu:.3f} | {peak:.2f} | {ratio} |")
     size, step = rows[0][0], rows[0][2]  # the plain step at the smallest batch
     for workers in args.loader_workers if step else []:
         rate = loader_rate(args.data, encoder.tokenizer, size, args.max_length, workers)

@@ -33,6 +33,7 @@ class Config:
     seeds: list[str] = field(default_factory=list)
     means: dict[str, list[float]] = field(default_factory=dict)      # metric -> one value per run
     per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> qid -> mean over runs
+    scored_runs: int = 0  # the runs whose run files gave per_query
 
     @property
     def name(self) -> str:
@@ -100,7 +101,8 @@ def collect(folder: Path, metrics: list[str], stage: str) -> list[Config]:
             config.means.setdefault(m, []).append(float(scores[m]))
         if run_file is not None and run_file.is_file() and (run / ".hydra" / "config.yaml").is_file():
             queries = per_query(judged_qrels(run, qrels_cache), read_trec_run(run_file), metrics)
-            n = len(config.runs)
+            config.scored_runs += 1
+            n = config.scored_runs  # not len(config.runs): a run without a run file adds nothing here
             for m, by_q in queries.items():
                 acc = config.per_query.setdefault(m, {})
                 for q, v in by_q.items():  # running mean over the configuration's runs

@@ -87,3 +87,16 @@ def test_report_refuses_what_it_cannot_read(sweep, tmp_path):
     (folder / "0" / "metrics.json").write_text("{not json")
     with pytest.raises(DataError, match="0/metrics.json is not valid JSON"):
         report(folder, ["ndcg@10"])
+
+
+def test_per_query_means_count_only_the_runs_with_a_run_file(sweep):
+    """A run of a configuration without its run file adds nothing to the per-query means of the paired test: the
+    first run of loss=infonce (seed 1) has none, so the configuration's per-query nDCG@10 is seed 2's alone."""
+    from retrieval_lab.report import collect
+
+    folder, per_query = sweep
+    (folder / "0" / "after" / "run.trec").unlink()  # loss=infonce, seed=1
+    infonce = next(c for c in collect(folder, ["ndcg@10"], "after") if c.label.get("loss") == "infonce")
+    assert len(infonce.runs) == 2
+    scores = infonce.per_query["ndcg@10"]
+    assert [scores[q] for q in sorted(scores)] == pytest.approx(per_query[("infonce", 2)])
