@@ -40,8 +40,12 @@ def overrides(tiny_model, beir_folder, steps):
     return out
 
 
-def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(tiny_model, beir_folder, tmp_path):
-    cfg = compose_train(overrides(tiny_model, beir_folder, 5) + [f"loss._target_={__name__}.NaNOnThirdCall"])
+@pytest.mark.parametrize("negatives", ["inbatch", "moco"])
+def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(negatives, tiny_model, beir_folder, tmp_path):
+    """The last-good checkpoint is the state a clean run has after two steps: with MoCo, the key encoder and the
+    queue too (neither follows a step that never updated the encoder)."""
+    extra = [f"negatives={negatives}"] + ["negatives.module.queue_size=6"] * (negatives == "moco")
+    cfg = compose_train(overrides(tiny_model, beir_folder, 5) + extra + [f"loss._target_={__name__}.NaNOnThirdCall"])
     NaNOnThirdCall.calls = 0
     with pytest.raises(NumericFault) as err:
         train(cfg, tmp_path / "nan")
@@ -49,10 +53,15 @@ def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(tiny_model, b
     assert message.startswith("step 2: the loss is nan on the batch of queries q")
     assert "last-good.ckpt" in message and not (tmp_path / "nan" / "metrics.json").exists()
     # the saved state is the one a clean run of the same command has after two steps
-    train(compose_train(overrides(tiny_model, beir_folder, 5) + ["checkpoint.keep=10"]), tmp_path / "clean")
+    train(compose_train(overrides(tiny_model, beir_folder, 5) + extra + ["checkpoint.keep=10"]), tmp_path / "clean")
     step, bad_run = weights(tmp_path / "nan" / "checkpoints" / "last-good.ckpt")
     clean_step, clean = weights(tmp_path / "clean" / "checkpoints" / "step2.ckpt")
-    assert step == clean_step == 2
+    assert step == clean_step == 2 and ("queue" in clean) == (negatives == "moco")
+    buffers = {k: v for k, v in torch.load(tmp_path / "clean" / "checkpoints" / "step2.ckpt",
+                                           weights_only=False)["state_dict"].items() if "queue_" in k}
+    saved = torch.load(tmp_path / "nan" / "checkpoints" / "last-good.ckpt", weights_only=False)["state_dict"]
+    for name, value in buffers.items():  # MoCo's pointer, length and document ids
+        assert torch.equal(saved[name], value), name
     for name, value in clean.items():
         assert torch.isfinite(bad_run[name]).all() and torch.allclose(bad_run[name], value, atol=1e-6), name
 

@@ -4,8 +4,8 @@ He et al. (2020), "Momentum Contrast for Unsupervised Visual Representation Lear
 Izacard et al. (2021), "Unsupervised Dense Information Retrieval with Contrastive Learning" (Contriever).
 
 Queries go through the trained encoder; documents (keys) through a copy of it that follows the encoder as an
-exponential moving average, theta_k <- m * theta_k + (1 - m) * theta_q, and gets no gradient. After each step
-the positive keys of the batch (gathered from every process under DDP) replace the oldest queue entries. The
+exponential moving average, theta_k <- m * theta_k + (1 - m) * theta_q (after each optimiser step, as in MoCo's
+pseudo-code), and gets no gradient. After each step the positive keys of the batch (gathered from every process under DDP) replace the oldest queue entries. The
 loss sees the queue as extra document columns. The queue and the key encoder are module state, so Lightning
 checkpoints save and restore them.
 
@@ -94,13 +94,24 @@ class MoCoModule(BiEncoderModule):
                          queue_mask=self.queue_mask(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.momentum_update()
+        self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))
         loss = super().training_step(batch, batch_idx)
-        # enqueue inside the step, so a checkpoint written at the end of it holds the updated queue
+        if not self.automatic_optimization:  # gradient caching took the optimiser step in training_step
+            self.after_step()
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_step()
+
+    def after_step(self) -> None:
+        """After the optimiser step, as in MoCo's algorithm: the key encoder follows the updated encoder, and the
+        batch's keys join the queue. A step stopped before its update (a non-finite loss or gradient) changes
+        neither, so NumericGuard's last-good checkpoint holds the state the step started from; a checkpoint
+        written at the end of a step holds both."""
+        self.momentum_update()
         keys, ids = self._new_keys
         if self._trainer is not None and self.trainer.world_size > 1:  # every process's, in rank order
             keys = self.all_gather(keys).flatten(0, 1)
             ids = None if ids is None else self.all_gather(ids).flatten(0, 1)
         self.enqueue(keys, ids)
-        self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))
-        return loss
