@@ -72,8 +72,12 @@ class NumericGuard(L.Callback):
         self.qids = list(batch.get("qids", [])) if isinstance(batch, dict) else []
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if not torch.isfinite(loss).all():
-            self.fail(trainer, f"the loss is {loss.detach().float().item()}")
+        bad = not torch.isfinite(loss).all()
+        # under DDP every process stops, not only the one that saw it (the others would wait in the gradient
+        # all-reduce); the gradients are all-reduced, so a non-finite one is seen everywhere without this
+        if (trainer.strategy.reduce_boolean_decision(bad, all=False) if trainer.world_size > 1 else bad):
+            self.fail(trainer, f"the loss is {loss.detach().float().item()}" if bad else
+                      "the loss is not finite in another process")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if str(trainer.precision) == "16-mixed":

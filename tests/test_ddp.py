@@ -239,3 +239,14 @@ def test_a_refresh_that_fails_on_one_process_stops_every_process_at_once(tiny_mo
         assert rank["error"].startswith("the ANCE refresh begun at step 2 failed after")
     assert "process 1 of 2 failed: MemoryError: CUDA out of memory" in ranks[0]["error"]
     assert ranks[1]["error"].endswith("caused by MemoryError: CUDA out of memory while encoding the corpus")
+
+
+def test_a_non_finite_loss_in_one_process_stops_every_process(tiny_model, beir_folder, tmp_path):
+    """Process 1's loss is NaN at step 2 (its third): both processes stop there with NumericFault, instead of
+    process 0 waiting in the gradient all-reduce for a process that stopped, and the last good state is saved."""
+    run_script("ddp_nan_script.py", tiny_model, beir_folder, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] == 2
+    assert ranks[1]["error"].startswith("step 2: the loss is nan on the batch of queries q")
+    assert ranks[0]["error"].startswith("step 2: the loss is not finite in another process")
+    assert torch.load(tmp_path / "checkpoints" / "last-good.ckpt", weights_only=False)["global_step"] == 2

@@ -98,7 +98,8 @@ class AnceRefresh(L.Callback):
             warnings.warn(f"the ANCE refresh begun at step {self._ready['step']} failed after training ended: "
                           f"{type(error).__name__}: {error}")
 
-    # -- checkpoints: a resumed run trains on the table that was in use (a refresh still running is redone) --
+    # -- checkpoints: a resumed run trains on the table that was in use; a refresh still running is lost, and
+    # the next one begins at the next multiple of every_n_steps --
     def state_dict(self) -> dict:
         return {"negatives": self.train_set.negatives, "history": self.history}
 
