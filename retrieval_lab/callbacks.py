@@ -52,7 +52,8 @@ class RetrievalValidation(L.Callback):
                     logger.log_metrics(scores, step=trainer.global_step - 1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        stepped = self.every_n_steps and trainer.global_step % self.every_n_steps == 0  # validated at this step
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 and not stepped:
             pl_module.log_dict(self.validate(pl_module), rank_zero_only=True)
 
 

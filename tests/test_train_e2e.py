@@ -136,3 +136,19 @@ def test_a_resumed_run_keeps_the_csv_rows_logged_before(tiny_model, beir_folder,
     loss_steps = [int(row["step"]) for row in rows if row.get("train/loss")]
     assert loss_steps == list(range(8))  # 4 steps an epoch: epoch 1's rows after epoch 0's
     assert sum(1 for row in rows if row.get("val/ndcg@10")) == 2
+
+
+def test_a_step_validation_at_an_epoch_end_is_not_repeated(tiny_model, beir_folder, tmp_path):
+    """With validation.every_n_steps=4 and epochs of 4 steps, each epoch end is also a step validation: the same
+    weights are validated (and logged) once, not twice."""
+    from test_combinations import compose_train
+
+    from retrieval_lab.train import train
+
+    cfg = compose_train(["data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", "batch_size=8",
+                         "trainer.max_epochs=2", "eval.before=false", "eval.after=false", "logger=csv",
+                         "save_model=false", "trainer.enable_progress_bar=false", "eval.batch_size=16",
+                         "validation.corpus_sample=30", "validation.every_n_steps=4", "trainer.log_every_n_steps=1"])
+    train(cfg, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [int(row["step"]) for row in rows if row.get("val/ndcg@10")] == [3, 7]
