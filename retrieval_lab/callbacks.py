@@ -77,8 +77,11 @@ class NumericGuard(L.Callback):
         # under DDP every process stops, not only the one that saw it (the others would wait in the gradient
         # all-reduce); the gradients are all-reduced, so a non-finite one is seen everywhere without this
         if (trainer.strategy.reduce_boolean_decision(bad, all=False) if trainer.world_size > 1 else bad):
-            self.fail(trainer, f"the loss is {loss.detach().float().item()}" if bad else
-                      "the loss is not finite in another process")
+            # under gradient caching the backward's stand-in (embeddings x cached gradients) also carries the
+            # gradient of the loss with respect to the embeddings
+            what = "the loss" if pl_module.automatic_optimization else "the loss (or its gradient: gradient caching)"
+            self.fail(trainer, f"{what} is {loss.detach().float().item()}" if bad else
+                      f"{what} is not finite in another process")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if str(trainer.precision) == "16-mixed":

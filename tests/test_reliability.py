@@ -40,17 +40,20 @@ def overrides(tiny_model, beir_folder, steps):
     return out
 
 
-@pytest.mark.parametrize("negatives", ["inbatch", "moco"])
-def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(negatives, tiny_model, beir_folder, tmp_path):
+@pytest.mark.parametrize("negatives,chunk", [("inbatch", None), ("moco", None), ("inbatch", 2)])
+def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(negatives, chunk, tiny_model, beir_folder,
+                                                                   tmp_path):
     """The last-good checkpoint is the state a clean run has after two steps: with MoCo, the key encoder and the
-    queue too (neither follows a step that never updated the encoder)."""
+    queue too (neither follows a step that never updated the encoder); with gradient caching too."""
     extra = [f"negatives={negatives}"] + ["negatives.module.queue_size=6"] * (negatives == "moco")
+    extra += [f"trainer.grad_cache_chunk={chunk}"] * bool(chunk)
     cfg = compose_train(overrides(tiny_model, beir_folder, 5) + extra + [f"loss._target_={__name__}.NaNOnThirdCall"])
     NaNOnThirdCall.calls = 0
     with pytest.raises(NumericFault) as err:
         train(cfg, tmp_path / "nan")
     message = str(err.value)
-    assert message.startswith("step 2: the loss is nan on the batch of queries q")
+    what = "the loss (or its gradient: gradient caching)" if chunk else "the loss"
+    assert message.startswith(f"step 2: {what} is nan on the batch of queries q")
     assert "last-good.ckpt" in message and not (tmp_path / "nan" / "metrics.json").exists()
     # the saved state is the one a clean run of the same command has after two steps
     train(compose_train(overrides(tiny_model, beir_folder, 5) + extra + ["checkpoint.keep=10"]), tmp_path / "clean")
