@@ -137,10 +137,12 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     return datamodule, dev_qrels
 
 
-# settings a resumed run may change: how long it trains, how it is evaluated, logged and checkpointed
+# settings a resumed run may change: how long it trains, on what hardware, how it is evaluated, logged and
+# checkpointed (the rest define what it trains)
 RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
-                     "trainer.log_every_n_steps", "num_workers", "eval.", "validation.", "checkpoint.", "logger.",
-                     "save_model")
+                     "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                     "trainer.strategy", "trainer.precision", "num_workers", "eval.", "validation.", "checkpoint.",
+                     "logger.", "save_model")
 
 
 def run_settings(cfg: DictConfig) -> dict[str, str]:
