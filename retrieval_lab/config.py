@@ -35,6 +35,12 @@ def require(cfg: DictConfig, key: str, ok: bool, why: str) -> None:
         raise ConfigError(f"{key}={value} {why}")
 
 
+def check_all_set(cfg: DictConfig) -> None:
+    """Refuse a config with a mandatory key left unset (``???``, e.g. model=hf without a name), naming the key."""
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"config key {key} must be set ({key}=...).")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Refuse, with one sentence, the settings that cannot work together."""
     for key in ("data.path", "model.name_or_path", "batch_size", "loss.temperature", "optim.lr"):

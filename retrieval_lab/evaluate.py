@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab import config  # also registers the resolvers
 from retrieval_lab.data.beir import BeirDataset, BeirSplit, carve_dev
-from retrieval_lab.errors import ConfigError, exit_on_user_error
+from retrieval_lab.errors import exit_on_user_error
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.fusion import HybridRetriever
 from retrieval_lab.retrieval.metrics import check_metrics
@@ -29,8 +29,7 @@ def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    for key in sorted(OmegaConf.missing_keys(cfg)):  # e.g. model=hf, reranker=cross_encoder without a name
-        raise ConfigError(f"config key {key} must be set ({key}=...).")
+    config.check_all_set(cfg)  # e.g. model=hf, reranker=cross_encoder without a name
     check_metrics(cfg.metrics, "metrics")
     if cfg.retriever.get("tune_metric"):
         check_metrics([cfg.retriever.tune_metric], "retriever.tune_metric")

@@ -13,7 +13,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab import config  # also registers the resolvers
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
@@ -26,8 +26,7 @@ OmegaConf.register_new_resolver("suffix_if", lambda value, suffix: suffix if val
 
 
 def mine(cfg: DictConfig) -> Path:
-    for key in sorted(OmegaConf.missing_keys(cfg)):  # e.g. retriever=dense model=hf without a name
-        raise ConfigError(f"config key {key} must be set ({key}=...).")
+    config.check_all_set(cfg)  # e.g. retriever=dense model=hf without a name
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")

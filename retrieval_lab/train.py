@@ -76,7 +76,8 @@ def csv_logger(run_dir: Path, resume_step: int | None = None):
     logger = CSVLogger(run_dir, name="csv", version="")
     writer = logger.experiment  # created here, deleting the file
     if rows:
-        header, step, loss = rows[0], rows[0].index("step"), rows[0].index("train/loss") if "train/loss" in rows[0] else None
+        header = rows[0]
+        step, loss = header.index("step"), header.index("train/loss") if "train/loss" in header else None
 
         def before(row: list[str]) -> bool:  # a row training will not log again: before step N, or not a step's
             return float(row[step]) < resume_step or (float(row[step]) == resume_step and not (loss and row[loss]))
@@ -175,7 +176,8 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
     return int(state["global_step"])
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels) -> list:
+def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels,
+                    logging: bool = True) -> list:
     every = cfg.checkpoint.every_n_steps
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(  # the newest `keep` step checkpoints, plus last.ckpt
                      dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
@@ -187,8 +189,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}",
                                                              auto_insert_metric_name=False, save_top_k=1,
                                                              save_last=True, every_n_epochs=1))
-    if cfg.logger.csv or (cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled"):
-        callbacks.append(L.pytorch.callbacks.LearningRateMonitor())  # it needs a logger
+    if logging:  # the LR monitor needs a logger
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor())
     if cfg.negatives.get("refresh"):
         callbacks.append(AnceRefresh(train_set, batch_size=cfg.eval.batch_size, index=cfg.eval.index,
                                      **cfg.negatives.refresh))
@@ -273,9 +275,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.eval.before and first:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
-    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=build_loggers(cfg, run_dir, hparams, resume_step),
+    loggers = build_loggers(cfg, run_dir, hparams, resume_step)
+    trainer = instantiate(trainer_cfg, plugins=[AtomicCheckpointIO()], logger=loggers,
                           default_root_dir=str(run_dir),
-                          callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels))
+                          callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels,
+                                                    logging=bool(loggers)))
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
     fit = {"fit_seconds": round(time.perf_counter() - start, 1)}

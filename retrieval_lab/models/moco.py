@@ -5,9 +5,9 @@ Izacard et al. (2021), "Unsupervised Dense Information Retrieval with Contrastiv
 
 Queries go through the trained encoder; documents (keys) through a copy of it that follows the encoder as an
 exponential moving average, theta_k <- m * theta_k + (1 - m) * theta_q (after each optimiser step, as in MoCo's
-pseudo-code), and gets no gradient. After each step the positive keys of the batch (gathered from every process under DDP) replace the oldest queue entries. The
-loss sees the queue as extra document columns. The queue and the key encoder are module state, so Lightning
-checkpoints save and restore them.
+pseudo-code), and gets no gradient. After each step the positive keys of the batch (gathered from every process
+under DDP) replace the oldest queue entries. The loss sees the queue as extra document columns. The queue and the
+key encoder are module state, so Lightning checkpoints save and restore them.
 
 Next to each key the queue keeps its document's identity (``queue_ids``: ``GroupCollator.doc_key`` of its doc id,
 -1 when unknown), and ``queue_mask`` (B x K) masks, for query i, every queue entry that holds one of query i's
@@ -64,8 +64,8 @@ class MoCoModule(BiEncoderModule):
         self.queue_len.copy_(torch.clamp(self.queue_len + keys.size(0), max=size))
 
     def current_queue(self) -> torch.Tensor:
-        # slots fill from 0 upwards, so the filled ones come first; a copy, as the step enqueues before backward
-        return self.queue[: int(self.queue_len)].clone()
+        # slots fill from 0 upwards, so the filled ones come first; no copy needed: the enqueue follows the backward
+        return self.queue[: int(self.queue_len)]
 
     def queue_mask(self, batch: dict) -> torch.Tensor | None:
         """B x K, True where queue entry k holds a judged positive of query i (None without ``positive_keys``)."""
