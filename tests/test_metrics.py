@@ -85,7 +85,7 @@ def test_run_file_round_trip_is_trec_format(tmp_path):
     path = tmp_path / "run.trec"
     write_trec_run(RUN, path, tag="x")
     first = path.read_text().splitlines()[0].split()
-    assert first == ["q1", "Q0", "d4", "1", "9.000000", "x"]
+    assert first == ["q1", "Q0", "d4", "1", "9.0", "x"]
     assert read_trec_run(path) == RUN
 
 
@@ -161,4 +161,4 @@ def test_an_unknown_metric_is_refused_before_retrieval_and_a_run_file_survives_s
     split = BeirSplit({"d1": Document("", "a"), "d2": Document("", "b")}, {"q": "a"}, {"q": {"d1": 1}})
     with pytest.raises(Exception):
         evaluate_retriever(Fixed(), split, tmp_path / "run.trec", metrics=["recal@100"])
-    assert (tmp_path / "run.trec").read_text().splitlines()[0] == "q Q0 d1 1 2.000000 retrieval_lab"
+    assert (tmp_path / "run.trec").read_text().splitlines()[0] == "q Q0 d1 1 2.0 retrieval_lab"

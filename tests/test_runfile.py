@@ -27,3 +27,18 @@ def test_run_file_faults_name_the_line(tmp_path):
         read_trec_run(path)
     path.write_text("q1 Q0 d1 1 2.5 x\r\nq1 Q0 d2 2 -1e-3 x\r\n")
     assert read_trec_run(path) == {"q1": {"d1": 2.5, "d2": -0.001}}
+
+
+def test_run_file_keeps_every_digit_of_the_scores(tmp_path):
+    """Scores that differ below the 6th decimal (float32 cosines often do) keep their order through the file, so
+    trec_eval on the file agrees with the metrics computed in memory."""
+    import numpy as np
+
+    from retrieval_lab.retrieval.runfile import write_trec_run
+
+    close = np.float32(0.73456789)
+    scores = {"d1": float(close), "d2": float(np.nextafter(close, np.float32(1))), "d3": 1 / 3, "d4": 2.5e-9}
+    path = tmp_path / "run.trec"
+    write_trec_run({"q1": scores}, path)
+    assert read_trec_run(path) == {"q1": scores}
+    assert [line.split()[2] for line in path.read_text().splitlines()] == ["d2", "d1", "d3", "d4"]

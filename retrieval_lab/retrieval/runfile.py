@@ -27,11 +27,12 @@ def write_json(path: str | Path, data) -> None:
 
 def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str = "retrieval_lab") -> None:
     """``qid Q0 docid rank score tag``, ranks from 1 in trec_eval's order (score descending, ties by doc id
-    descending)."""
+    descending). Scores are written with every digit (Python's shortest round-trip form), so trec_eval, which
+    reads them as doubles, sees the same scores and ties as the evaluation in memory."""
     lines = []
     for qid in sorted(run):
         order = ranked(run[qid])
-        lines.extend(f"{qid} Q0 {doc} {rank} {score:.6f} {tag}" for rank, (doc, score) in enumerate(order, 1))
+        lines.extend(f"{qid} Q0 {doc} {rank} {float(score)!r} {tag}" for rank, (doc, score) in enumerate(order, 1))
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
