@@ -22,10 +22,11 @@ from retrieval_lab.retrieval.runfile import write_json
 
 
 def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
-    """The data set's dev split, else the train queries a training run with the same seed holds out."""
+    """The data set's dev split, else the train queries a training run holds out (``data.split_seed``)."""
     if cfg.data.get("dev_split"):
         return dataset.split(cfg.data.dev_split)
-    return dataset.subset(carve_dev(dataset.qrels(cfg.data.train_split), cfg.data.dev_fraction, cfg.seed)[1])
+    return dataset.subset(carve_dev(dataset.qrels(cfg.data.train_split), cfg.data.dev_fraction,
+                                    cfg.data.split_seed)[1])
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -121,7 +121,7 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
     elif cfg.validation.enabled:
-        train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.seed)
+        train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.data.split_seed)
     train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=cfg.negatives.group_size,
                                        seed=cfg.seed, **extras)
     if getattr(train_set, "skipped", 0):
@@ -196,7 +196,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
                                      **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
-                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.seed,
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.data.split_seed,
                                              every_n_steps=cfg.validation.get("every_n_steps"), index=cfg.eval.index))
     return callbacks
 

@@ -35,3 +35,33 @@ def test_hybrid_evaluation_records_the_dense_model(tiny_model, beir_folder, tmp_
                         "retriever.alpha=0.1", "data=beir", f"data.path={beir_folder}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["model"] == str(tiny_model)
+
+
+def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
+    """The runs of a seed sweep validate on one dev set (and train on the same queries); `data.split_seed` picks
+    it, and `evaluate` (retriever=hybrid tunes on it) holds out the same queries as training."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.evaluate import dev_split
+    from retrieval_lab.train import build_data
+
+    dataset = BeirDataset(beir_folder)
+
+    def split(primary, *overrides):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name=primary, overrides=["data=beir", f"data.path={beir_folder}",
+                                                          f"model.name_or_path={tiny_model}", *overrides])
+        if primary == "evaluate":
+            return sorted(dev_split(dataset, cfg).qrels)
+        module = instantiate(cfg.negatives.module)(encoder=instantiate(cfg.model), loss=instantiate(cfg.loss))
+        datamodule, dev = build_data(cfg, dataset, module)
+        assert not set(dev) & {example for example in datamodule.train_set.qids}
+        return sorted(dev)
+
+    dev = split("train", "seed=1")
+    assert len(dev) == 4  # 10% of the 40 training queries
+    assert split("train", "seed=2") == dev == split("evaluate")
+    assert split("train", "seed=1", "data.split_seed=7") != dev
+    assert split("evaluate", "data.split_seed=7") == split("train", "data.split_seed=7")
