@@ -119,13 +119,26 @@ class ExactResume(L.Callback):
 
     def __init__(self, settings: dict | None = None):
         self._pending = None
+        self._step_start = None  # the random states as the current step began (None between steps)
         self.settings = settings  # the run's settings, written into every checkpoint (see train.check_resumable)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         if self.settings is not None:
             checkpoint["retrieval_lab_settings"] = self.settings
+        if self._step_start is not None:
+            # written inside a step (NumericGuard's last-good.ckpt): the checkpoint says that step never began, as
+            # its weights do. Else Lightning would resume counting the failed batch as done: its logged steps
+            # would run one ahead of an uninterrupted run's
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+            for counts in (progress["total"], progress["current"]):
+                counts["ready"] = counts["started"] = counts["processed"] = counts["completed"]
 
     def state_dict(self) -> dict:
+        # inside a step, the states it began with: resuming replays it with the same dropout
+        return self._step_start if self._step_start is not None else self.random_states()
+
+    @staticmethod
+    def random_states() -> dict:
         kind, keys, pos, has_gauss, gauss = np.random.get_state()  # plain types: checkpoints load weights_only
         state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
                  "torch": torch.get_rng_state()}
@@ -142,12 +155,15 @@ class ExactResume(L.Callback):
             trainer.datamodule.skip_batches(done)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self._pending is None:
-            return
-        state, self._pending = self._pending, None
-        random.setstate(state["python"])
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if self._pending is not None:
+            state, self._pending = self._pending, None
+            random.setstate(state["python"])
+            kind, keys, pos, has_gauss, gauss = state["numpy"]
+            np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda"])
+        self._step_start = self.random_states()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._step_start = None  # runs before the checkpoint callbacks' (Lightning puts those last)

@@ -182,13 +182,15 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(  # the newest `keep` step checkpoints, plus last.ckpt
                      dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
                      monitor="step", mode="max", save_top_k=cfg.checkpoint.keep, save_last=True,
-                     every_n_train_steps=every or None),
+                     every_n_train_steps=every or None, enable_version_counter=False),
                  NumericGuard(run_dir / "checkpoints"), ExactResume(run_settings(cfg))]
     if every:  # Lightning's step trigger turns epoch ends off: a second callback writes epoch<N>.ckpt (the newest
-        # only) and last.ckpt at every epoch end, so a crash loses at most an epoch even when steps are rarer
+        # only) and last.ckpt at every epoch end, so a crash loses at most an epoch even when steps are rarer. No
+        # version counter: both write the one last.ckpt (else the second one finding it writes last-v1.ckpt)
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}",
                                                              auto_insert_metric_name=False, save_top_k=1,
-                                                             save_last=True, every_n_epochs=1))
+                                                             save_last=True, every_n_epochs=1,
+                                                             enable_version_counter=False))
     if logging:  # the LR monitor needs a logger
         callbacks.append(L.pytorch.callbacks.LearningRateMonitor())
     if cfg.negatives.get("refresh"):

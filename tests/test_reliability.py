@@ -69,6 +69,36 @@ def test_nan_loss_stops_with_the_step_ids_and_last_good_checkpoint(negatives, ch
         assert torch.isfinite(bad_run[name]).all() and torch.allclose(bad_run[name], value, atol=1e-6), name
 
 
+def test_resuming_from_last_good_replays_the_failed_step_as_an_uninterrupted_run(tiny_model, beir_folder, tmp_path):
+    """Resuming from last-good.ckpt (the bad batch fixed, here: the loss no longer fails) trains the failed step on
+    the same batch with the same dropout, logs it under the same step number, and ends with the weights of a run
+    that never failed. Step and epoch checkpoints share one last.ckpt (no last-v1.ckpt)."""
+    import csv
+
+    args = overrides(tiny_model, beir_folder, 5) + ["trainer.log_every_n_steps=1", "checkpoint.keep=10",
+                                                    f"loss._target_={__name__}.NaNOnThirdCall"]
+    NaNOnThirdCall.calls = 0
+    with pytest.raises(NumericFault):
+        train(compose_train(args), tmp_path / "nan")
+    NaNOnThirdCall.calls = -100  # no NaN from now on
+    train(compose_train(args + [f"resume={tmp_path / 'nan' / 'checkpoints' / 'last-good.ckpt'}"]), tmp_path / "resumed")
+    train(compose_train(args), tmp_path / "clean")
+
+    def losses(run):
+        rows = csv.DictReader(open(tmp_path / run / "csv" / "metrics.csv"))
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+
+    clean = losses("clean")
+    assert sorted(clean) == [0, 1, 2, 3, 4] and losses("resumed") == {s: clean[s] for s in (2, 3, 4)}
+    step, resumed = weights(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    clean_step, straight = weights(tmp_path / "clean" / "checkpoints" / "last.ckpt")
+    assert step == clean_step == 5
+    for name, value in straight.items():
+        assert torch.equal(resumed[name], value), name
+    for run in ("resumed", "clean"):
+        assert [p.name for p in (tmp_path / run / "checkpoints").glob("last*")] == ["last.ckpt"]
+
+
 CRASH_ON_THIRD_CALL = """# started with the interpreter (PYTHONPATH): the third loss call, during step 3, after step 2's checkpoint
 # was written, kills its process (SIGKILL: no clean-up at all); the command itself is unchanged
 import os, signal
