@@ -35,8 +35,8 @@ bm25: data
 mine: data          ## BM25 hard negatives for negatives=bm25|ance|tas|tasb
 	$(PY) -m retrieval_lab.mine $(ARGS)
 
-test: install
-	$(PY) -m pytest -q $(ARGS)
+test: install       ## the whole suite, one worker per core (files stay whole: a DDP test's launches share a worker)
+	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
 
 sweep: data         ## a Hydra multirun, e.g. make sweep ARGS="loss.temperature=0.02,0.05 seed=1,2"
 	$(PY) -m retrieval_lab.train -m $(or $(ARGS),experiment=quick_cpu loss.temperature=0.02,0.05,0.1)
