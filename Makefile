@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # Offline machines copy SciFact from this folder instead of downloading it (override: make data DATA_SOURCE=...).
 DATA_SOURCE ?= $(wildcard ../shared/data/scifact)
 TORCH_VERSION ?= 2.13.0
+# pytest-xdist workers for make test: auto is one per core (about 1 GB of memory each); 0 runs the tests in one process
+TEST_WORKERS ?= auto
 
 .PHONY: install data demo train evaluate bm25 mine test sweep report bench clean
 
@@ -35,8 +37,8 @@ bm25: data
 mine: data          ## BM25 hard negatives for negatives=bm25|ance|tas|tasb
 	$(PY) -m retrieval_lab.mine $(ARGS)
 
-test: install       ## the whole suite, one worker per core (files stay whole: a DDP test's launches share a worker)
-	$(PY) -m pytest -q -n auto --dist loadfile $(ARGS)
+test: install       ## the whole suite in TEST_WORKERS processes (files stay whole: a DDP test's launches share a worker)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 sweep: data         ## a Hydra multirun, e.g. make sweep ARGS="loss.temperature=0.02,0.05 seed=1,2"
 	$(PY) -m retrieval_lab.train -m $(or $(ARGS),experiment=quick_cpu loss.temperature=0.02,0.05,0.1)
