@@ -198,8 +198,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
                                      **cfg.negatives.refresh))
     if cfg.validation.enabled:
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
-                                             cfg.validation.every_n_epochs, cfg.eval.batch_size, seed=cfg.data.split_seed,
-                                             every_n_steps=cfg.validation.get("every_n_steps"), index=cfg.eval.index))
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size,
+                                             seed=cfg.data.split_seed, every_n_steps=cfg.validation.get("every_n_steps"),
+                                             index=cfg.eval.index))
     return callbacks
 
 
