@@ -1,7 +1,12 @@
 """The benchmarks: bench_train's model FLOPs against torch's FLOP counter, and each script runs on toy data."""
 from __future__ import annotations
 
+import functools
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,11 +32,23 @@ def test_model_flops_equal_what_torch_counts(tiny_model):
     assert model_flops(encoder, batch, 3) == 3 * counter.get_total_flops()
 
 
-def _run_script(name: str, *args: str) -> str:
-    import os
-    import subprocess
+# the GPU machines' image has torch, lightning and transformers but none of these (experiments/bench_gpu.sh runs there)
+NOT_ON_THE_GPU_IMAGE = ("hydra", "omegaconf", "faiss", "bm25s", "wandb")
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+@functools.cache
+def _gpu_image_blocker() -> str:
+    """A folder whose sitecustomize.py (run at interpreter start-up when on PYTHONPATH) makes those imports fail."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "sitecustomize.py").write_text("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n"
+                                                                      for m in NOT_ON_THE_GPU_IMAGE))
+    return str(folder)
+
+
+def _run_script(name: str, *args: str) -> str:
+    """Run experiments/<name> as on the GPU image: importing a package it lacks fails."""
+    path = os.pathsep.join(filter(None, [_gpu_image_blocker(), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
