@@ -27,8 +27,9 @@ def write_json(path: str | Path, data) -> None:
 
 def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str = "retrieval_lab") -> None:
     """``qid Q0 docid rank score tag``, ranks from 1 in trec_eval's order (score descending, ties by doc id
-    descending). Scores are written with every digit (Python's shortest round-trip form), so trec_eval, which
-    reads them as doubles, sees the same scores and ties as the evaluation in memory."""
+    descending). Scores are written with every digit (Python's shortest round-trip form). trec_eval keeps scores
+    as 32-bit floats, so dense and BM25 scores (float32 values) reach it exactly, with the ties and order of the
+    evaluation in memory; 6 decimals used to tie scores a few float32 steps apart."""
     lines = []
     for qid in sorted(run):
         order = ranked(run[qid])
