@@ -57,7 +57,7 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
             return sorted(dev_split(dataset, cfg).qrels)
         module = instantiate(cfg.negatives.module)(encoder=instantiate(cfg.model), loss=instantiate(cfg.loss))
         datamodule, dev = build_data(cfg, dataset, module)
-        assert not set(dev) & {example for example in datamodule.train_set.qids}
+        assert not set(dev) & set(datamodule.train_set.qids)
         return sorted(dev)
 
     dev = split("train", "seed=1")

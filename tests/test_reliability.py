@@ -73,8 +73,6 @@ def test_resuming_from_last_good_replays_the_failed_step_as_an_uninterrupted_run
     """Resuming from last-good.ckpt (the bad batch fixed, here: the loss no longer fails) trains the failed step on
     the same batch with the same dropout, logs it under the same step number, and ends with the weights of a run
     that never failed. Step and epoch checkpoints share one last.ckpt (no last-v1.ckpt)."""
-    import csv
-
     args = overrides(tiny_model, beir_folder, 5) + ["trainer.log_every_n_steps=1", "checkpoint.keep=10",
                                                     f"loss._target_={__name__}.NaNOnThirdCall"]
     NaNOnThirdCall.calls = 0
