@@ -33,9 +33,10 @@ from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
 
 
 def launch(stop: threading.Event) -> tuple[int, float]:
-    """Small torch operations one after another until ``stop`` is set: (how many, seconds)."""
+    """Small torch operations one after another until ``stop`` is set, at least 100 of them (a tokenisation that
+    ends before this thread gets the CPU would otherwise count none): (how many, seconds)."""
     x, count, start = torch.zeros(64), 0, time.perf_counter()
-    while not stop.is_set():
+    while count == 0 or not stop.is_set():
         for _ in range(100):
             x.add_(1.0)
         count += 100
