@@ -159,6 +159,10 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
             if not key.startswith(RESUMABLE_CHANGES)}
 
 
+# settings added after some checkpoints were written: the new key -> the older setting its value came from then
+ADDED_SETTINGS = {"data.split_seed": "seed"}  # until stop 20, the dev carve and validation's sample followed seed
+
+
 def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
     """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
     temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
@@ -166,6 +170,8 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
     state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
     saved = state.get("retrieval_lab_settings")
     if saved is not None:
+        saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
+                 **saved}
         now = run_settings(cfg)
         changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
                    for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]

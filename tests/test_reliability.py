@@ -184,3 +184,19 @@ def test_epoch_end_checkpoints_and_a_resume_with_other_settings(tiny_model, beir
     assert len(list(csv.DictReader(open(run / "csv" / "metrics.previous.csv")))) >= len(rows)
     fresh = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert sorted(int(r["step"]) for r in fresh) == list(range(first_step))
+
+
+def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(tmp_path):
+    """Checkpoints written before `data.split_seed` existed carved the dev split with `seed`: resuming one is
+    accepted when split_seed equals that seed, and refused, naming data.split_seed, when it does not."""
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.train import check_resumable, run_settings
+
+    cfg = compose_train(["seed=7", "data.split_seed=7"])
+    old = {key: value for key, value in run_settings(cfg).items() if key != "data.split_seed"}
+    assert old["seed"] == "7"
+    path = tmp_path / "old.ckpt"
+    torch.save({"global_step": 3, "retrieval_lab_settings": old}, path)
+    assert check_resumable(str(path), cfg) == 3
+    with pytest.raises(ConfigError, match=r"other settings \(data.split_seed: 7 -> 42\)"):
+        check_resumable(str(path), compose_train(["seed=7"]))
