@@ -87,3 +87,22 @@ def test_tied_scores_rank_and_cut_in_trec_eval_order():
     assert reciprocal_rank_fusion([tied], rrf_k=60)["q"] == pytest.approx({"b": 1 / 61, "a": 1 / 62, "c": 1 / 63})
     assert top_k({"q": {"a": 1.0, "c": 0.5, "b": 1.0}}, 1) == {"q": {"b": 1.0}}
     assert list(top_k({"q": {"x": 0.2, "a": 0.7, "y": 0.2, "b": 0.2}}, 3)["q"]) == ["a", "y", "x"]
+
+
+def test_fused_scores_that_differ_beyond_float32_tie_as_trec_eval_reads_them(tmp_path):
+    """a's fused score is 1e-8 above b's as a double, but trec_eval reads run-file scores as 32-bit floats, where
+    they are equal and the tie goes to the larger doc id (b). The hybrid run ranks them so in memory too, and its run
+    file, read back as float32, gives that same order."""
+    import numpy as np
+
+    from retrieval_lab.retrieval.metrics import ranked
+    from retrieval_lab.retrieval.runfile import read_trec_run, write_trec_run
+
+    assert 0.5 + 0.1 * (10.0 + 1e-7) > 0.5 + 0.1 * 10.0 and np.float32(0.5 + 0.1 * (10.0 + 1e-7)) == np.float32(1.5)
+    hybrid = HybridRetriever(Fixed({"q": {"a": 0.5, "b": 0.5}}), Fixed({"q": {"a": 10.0 + 1e-7, "b": 10.0}}),
+                             alpha=0.1)
+    run = hybrid.retrieve({}, {"q": "text"}, k=2)
+    assert [d for d, _ in ranked(run["q"])] == ["b", "a"]
+    write_trec_run(run, tmp_path / "run.trec")
+    as_trec_eval = {d: np.float32(s) for d, s in read_trec_run(tmp_path / "run.trec")["q"].items()}
+    assert [d for d, _ in ranked(as_trec_eval)] == ["b", "a"]

@@ -8,6 +8,8 @@ contributing nothing. With ``alpha=None`` the weight is chosen on a dev split (b
 """
 from __future__ import annotations
 
+import numpy as np
+
 from retrieval_lab.data.beir import BeirSplit, Document
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.retrieval.metrics import Run, evaluate_run, ranked
@@ -54,9 +56,13 @@ class HybridRetriever:
         self.tuning: dict[float, float] = {}  # alpha -> dev metric, when tuned
 
     def fuse(self, dense: Run, sparse: Run, alpha: float | None = None) -> Run:
+        """The fused run, its scores rounded to float32: trec_eval reads run-file scores as 32-bit floats, so two
+        fused scores that only differ beyond float32 tie there, and must tie (ordered by doc id) here too."""
         if self.method == "rrf":
-            return reciprocal_rank_fusion([dense, sparse], self.rrf_k)
-        return linear_fusion(dense, sparse, self.alpha if alpha is None else alpha)
+            fused = reciprocal_rank_fusion([dense, sparse], self.rrf_k)
+        else:
+            fused = linear_fusion(dense, sparse, self.alpha if alpha is None else alpha)
+        return {q: {d: float(np.float32(s)) for d, s in docs.items()} for q, docs in fused.items()}
 
     def choose_alpha(self, dense: Run, sparse: Run, qrels) -> float:
         self.tuning = {a: evaluate_run(qrels, self.fuse(dense, sparse, a), [self.tune_metric])[self.tune_metric]
