@@ -58,3 +58,33 @@ def test_gradient_reaches_queries_and_documents():
 def test_bad_temperature_is_refused():
     with pytest.raises(ConfigError, match="loss.temperature"):
         InfoNCELoss(temperature=0)
+
+
+@pytest.mark.parametrize("name", ["infonce", "samtone", "margin_mse", "listwise_kl"])
+def test_scores_stay_float32_under_bf16_autocast(name):
+    """Under bf16 autocast (training's bf16-mixed) every loss equals the float32 formula on the same embeddings, its
+    gradient too: the scores are float32 products. A bf16 product moves cosines near 1 in steps of 2^-8, which a
+    temperature of 0.05 turns into logit steps of 0.08."""
+    from retrieval_lab.losses.listwise_kl import ListwiseKLLoss
+    from retrieval_lab.losses.margin_mse import MarginMSELoss
+    from retrieval_lab.losses.samtone import SamToNeLoss
+
+    torch.manual_seed(0)
+    loss = {"infonce": InfoNCELoss(0.05, bidirectional=True), "samtone": SamToNeLoss(0.05, side="both"),
+            "margin_mse": MarginMSELoss(scale=20.0, alpha=0.5), "listwise_kl": ListwiseKLLoss(0.05)}[name]
+    base = torch.nn.functional.normalize(torch.randn(1, 32), dim=-1)  # close embeddings: cosines near 1
+    q = torch.nn.functional.normalize(base + 0.05 * torch.randn(8, 32), dim=-1)
+    d = torch.nn.functional.normalize(base + 0.05 * torch.randn(16, 32), dim=-1)
+    extra = {"teacher": torch.randn(8, 2)} if name in ("margin_mse", "listwise_kl") else {}
+
+    def value_and_grad(autocast: bool):
+        qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = loss(qq, dd, group_size=2, **extra)
+        value.backward()
+        return value.detach(), qq.grad, dd.grad
+
+    exact, mixed = value_and_grad(False), value_and_grad(True)
+    assert exact[0].dtype == mixed[0].dtype == torch.float32
+    for a, b in zip(exact, mixed):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval_lab.losses.scores import check_temperature, contrastive_scores
+from retrieval_lab.losses.scores import check_temperature, contrastive_scores, similarity
 
 
 def document_to_query(q: torch.Tensor, d: torch.Tensor, targets: torch.Tensor, temperature: float,
                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """L_dq: each positive document against every query of the batch."""
     positives = d[targets]
-    reverse = (positives @ q.T).float() / temperature
+    reverse = similarity(positives, q) / temperature
     if mask is not None:  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
         reverse = reverse.masked_fill(mask[:, targets].T, float("-inf"))
     return F.cross_entropy(reverse, torch.arange(q.size(0), device=q.device))

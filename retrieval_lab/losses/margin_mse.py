@@ -26,8 +26,9 @@ from retrieval_lab.losses.infonce import InfoNCELoss
 
 
 def group_scores(q: torch.Tensor, d: torch.Tensor, group_size: int) -> torch.Tensor:
-    """B x G: query i against its own group only (positive first)."""
-    return torch.einsum("bh,bgh->bg", q, d.view(q.size(0), group_size, -1))
+    """B x G: query i against its own group only (positive first), in float32 (see ``scores.similarity``)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return torch.einsum("bh,bgh->bg", q.float(), d.float().view(q.size(0), group_size, -1))
 
 
 class MarginMSELoss(nn.Module):
@@ -45,7 +46,7 @@ class MarginMSELoss(nn.Module):
         if teacher is None or group_size < 2:
             raise ConfigError("loss=margin_mse needs teacher scores and negatives.group_size >= 2 "
                               "(a negatives file with scores for every listed document).")
-        student = self.scale * group_scores(q, d, group_size).float()
+        student = self.scale * group_scores(q, d, group_size)
         teacher = teacher.detach().float()
         loss = F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])
         if self.in_batch is not None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import document_to_query
-from retrieval_lab.losses.scores import check_temperature, contrastive_scores
+from retrieval_lab.losses.scores import check_temperature, contrastive_scores, similarity
 
 SIDES = ("query", "document", "both")
 
@@ -46,10 +46,10 @@ class SamToNeLoss(nn.Module):
             drop = drop | mask[:, targets]
         extra = []
         if self.side in ("query", "both"):
-            extra.append((q @ q.T).float().masked_fill(drop, float("-inf")))
+            extra.append(similarity(q, q).masked_fill(drop, float("-inf")))
         if self.side in ("document", "both"):
             positives = d[targets]
-            extra.append((positives @ positives.T).float().masked_fill(drop, float("-inf")))
+            extra.append(similarity(positives, positives).masked_fill(drop, float("-inf")))
         scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
         loss = F.cross_entropy(scores, targets)
         if self.bidirectional:
