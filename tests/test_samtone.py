@@ -52,18 +52,40 @@ def test_samtone_is_infonce_plus_more_negatives():
     assert InfoNCELoss(0.1)(q, d, queue=queue).item() == pytest.approx(by_hand(q, d, 1, 0.1, "none", queue), rel=1e-6)
 
 
-def test_same_tower_pairs_sharing_a_positive_are_dropped():
+def by_hand_dropping(q, d, tau, side, mask, dropped):
+    """SamToNe with G=1 (column j is d+_j): row i leaves out the in-batch columns ``mask`` marks and the ordered
+    same-tower pairs (i, j) in ``dropped``."""
+    B, total = q.shape[0], 0.0
+    for i in range(B):
+        terms = [float(q[i] @ d[j]) / tau for j in range(B) if not mask[i, j]]
+        same = q if side == "query" else d
+        anchor = q[i] if side == "query" else d[i]
+        terms += [float(anchor @ same[j]) / tau for j in range(B) if j != i and (i, j) not in dropped]
+        total += -(float(q[i] @ d[i]) / tau - math.log(sum(math.exp(t) for t in terms)))
+    return total / B
+
+
+@pytest.mark.parametrize("side", ["query", "document"])
+def test_same_tower_pairs_sharing_a_positive_are_dropped(side):
+    """Query 0's positives are documents 0 and 1; document 1 is query 1's positive. The queries share a positive,
+    so q0.q1 leaves both rows. On the document side d+_1 is a positive of query 0, so d+_0.d+_1 leaves row 0; d+_0
+    is no positive of query 1, so row 1 keeps it."""
     q, d, _ = tensors(B=3, G=1)
     mask = torch.zeros(3, 3, dtype=torch.bool)
-    mask[0, 1] = True  # query 0 also has document 1 (the positive of query 1) as a positive
+    mask[0, 1] = True
+    dropped = {(0, 1), (1, 0)} if side == "query" else {(0, 1)}
+    loss = SamToNeLoss(0.1, side)(q, d, mask=mask)
+    assert loss.item() == pytest.approx(by_hand_dropping(q, d, 0.1, side, mask, dropped), rel=1e-6)
+
+
+def test_queries_that_share_a_positive_drop_each_other_whichever_positive_they_drew():
+    """Query 0 judges {A}, query 1 judges {A, B} and drew B: the pair shares A, so each row drops the other query
+    (before, only row 1 did, as B is no positive of query 0)."""
+    q, d, _ = tensors(B=3, G=1)  # columns: A (query 0's target), B (query 1's target), C (query 2's)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[1, 0] = True  # A is also a positive of query 1
     loss = SamToNeLoss(0.1, "query")(q, d, mask=mask)
-    tau = 0.1
-    terms0 = [float(q[0] @ d[0]) / tau, float(q[0] @ d[2]) / tau, float(q[0] @ q[2]) / tau]
-    expected0 = -(float(q[0] @ d[0]) / tau - math.log(sum(math.exp(t) for t in terms0)))
-    rest = [-(float(q[i] @ d[i]) / tau - math.log(sum(math.exp(float(q[i] @ d[j]) / tau) for j in range(3))
-                                                    + sum(math.exp(float(q[i] @ q[j]) / tau) for j in range(3) if j != i)))
-            for i in (1, 2)]
-    assert loss.item() == pytest.approx((expected0 + sum(rest)) / 3, rel=1e-6)
+    assert loss.item() == pytest.approx(by_hand_dropping(q, d, 0.1, "query", mask, {(0, 1), (1, 0)}), rel=1e-6)
 
 
 def test_query_side_gradient_reaches_other_queries():

@@ -12,9 +12,10 @@ with embeddings from the *same* tower as the anchor side:
 
 ``side='query'`` (the paper's default) adds the other queries of the batch, ``side='document'`` the other
 positive documents, ``side='both'`` both; self-similarity is always excluded. ``bidirectional`` adds InfoNCE's
-document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower pairs that share a
-positive (``mask``) are dropped like in-batch false negatives; queue keys of a query's positives by
-``queue_mask`` (B x K).
+document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower false negatives are
+dropped like in-batch ones (``mask``, B x B*G): q_i.q_j when the two queries share a judged positive among the
+batch's documents (in both rows), d+_i.d+_j when d+_j is a positive of query i; queue keys of a query's positives
+by ``queue_mask`` (B x K).
 """
 from __future__ import annotations
 
@@ -40,15 +41,21 @@ class SamToNeLoss(nn.Module):
                 queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None) -> torch.Tensor:
         scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask)
         batch = q.size(0)
-        # same-tower pair (i, j) is dropped on the diagonal and where query i's positive set holds j's positive
-        drop = torch.eye(batch, dtype=torch.bool, device=q.device)
-        if mask is not None:
-            drop = drop | mask[:, targets]
+        # same-tower pairs dropped: (i, i), and where the two queries share a positive among the batch's
+        # columns (query side; symmetric), or where d+_j is a positive of query i (document side)
+        eye = torch.eye(batch, dtype=torch.bool, device=q.device)
+        positive_of = None if mask is None else mask[:, targets]  # [i, j]: d+_j is a positive of query i
         extra = []
         if self.side in ("query", "both"):
+            drop = eye
+            if mask is not None:
+                judged = mask.clone()
+                judged[torch.arange(batch, device=q.device), targets] = True  # each query's own target too
+                drop = drop | (judged.float() @ judged.float().T > 0)
             extra.append(similarity(q, q).masked_fill(drop, float("-inf")))
         if self.side in ("document", "both"):
             positives = d[targets]
+            drop = eye if positive_of is None else eye | positive_of
             extra.append(similarity(positives, positives).masked_fill(drop, float("-inf")))
         scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
         loss = F.cross_entropy(scores, targets)
