@@ -62,6 +62,11 @@ def check_train_config(cfg: DictConfig) -> None:
     chunk = cfg.trainer.get("grad_cache_chunk")
     require(cfg, "trainer.grad_cache_chunk", chunk is None or (isinstance(chunk, int) and chunk >= 1),
             "must be a positive number of rows (or null for no gradient caching).")
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    require(cfg, "trainer.accumulate_grad_batches", accumulate in (1, None),
+            "is not supported: each accumulated batch would be its own softmax (no larger pool of negatives), "
+            "MoCo would enqueue one batch's keys in N and resuming assumes one step per batch; use "
+            "trainer.grad_cache_chunk for batches larger than memory allows.")
     epochs, steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
     for key, value in (("trainer.max_epochs", epochs), ("trainer.max_steps", steps)):
         require(cfg, key, value is None or isinstance(value, int), "must be a whole number (or null).")
@@ -89,8 +94,13 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.get("module") and cfg.negatives.module._target_.endswith("MoCoModule"):
         raise ConfigError(f"negatives=moco cannot be used with module={cfg.module._target_.rsplit('.', 1)[-1]}: "
                           "that module trains on negatives files, without a momentum queue.")
+    needs_teacher = getattr(get_class(cfg.loss._target_), "needs_teacher", False)
     if cfg.negatives.module._target_.endswith("MoCoModule"):
         from retrieval_lab.models.encoder import read_saved_settings
+
+        require(cfg, "loss", not needs_teacher, "needs teacher scores for each query's group of mined negatives, "
+                "which negatives=moco does not use (its negatives are the queue of momentum keys); use "
+                "negatives=bm25, tas or tasb with a scored file.")
 
         saved = read_saved_settings(cfg.model.name_or_path) or {}  # a model saved by training keeps its towers
         require(cfg, "model.shared_towers", cfg.model.shared_towers and saved.get("shared_towers", True),
@@ -103,7 +113,6 @@ def check_train_config(cfg: DictConfig) -> None:
         require(cfg, "negatives.module.momentum", 0 <= cfg.negatives.module.momentum < 1, "must lie in [0, 1).")
     module = (cfg.get("module") or cfg.negatives.module)._target_.rsplit(".", 1)[-1]
     loss = cfg.loss._target_.rsplit(".", 1)[-1]
-    needs_teacher = getattr(get_class(cfg.loss._target_), "needs_teacher", False)
     if cfg.model._target_.endswith("CrossEncoder") != (module == "CrossEncoderModule"):
         raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
                           "the other modules train a bi-encoder model.")

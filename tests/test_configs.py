@@ -54,6 +54,9 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("negatives=ance negatives.refresh.every_n_steps=0", "negatives.refresh.every_n_steps"),
     ("module=cross_encoder negatives=moco", "negatives=moco cannot be used with module=CrossEncoderModule"),
     ("module=cross_encoder loss=margin_mse", "loss=MarginMSELoss would be ignored"),
+    ("negatives=moco loss=margin_mse +negatives.file=s.jsonl negatives.group_size=2", "loss=MarginMSELoss needs teacher"),
+    ("negatives=moco loss=listwise_kl +negatives.file=s.jsonl negatives.group_size=2", "loss=ListwiseKLLoss needs"),
+    ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 is not supported"),
 ])
 def test_impossible_settings_are_refused(override, key):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
