@@ -7,6 +7,9 @@ For query i with group scores S_ig = q_i . d_{i,g} / tau (student) and T_ig / ta
 p_i = softmax_g(T_i / tau_t) and s_i = softmax_g(S_i):
 
     L = 1/B sum_i KL(p_i || s_i) = 1/B sum_i sum_g p_ig (log p_ig - log s_ig)
+
+This is the distillation direction (teacher first). RocketQA-v2 writes its KL the other way, KL(s_i || p_i), as both
+models learn from it there; see :mod:`retrieval_lab.models.rocketqa`.
 """
 from __future__ import annotations
 

@@ -8,9 +8,12 @@ with S_ig = q_i . d_{i,g}), and the ranker from supervised cross-entropy on the 
 
     L = L_KL(R.detach(), S) + L_CE(R, positive)
 
-so the teacher moves with the training ("dynamic") but is taught by labels only. This differs from the paper,
-where the KL term also trains the re-ranker (both models learn from L_KL + L_sup, "joint training"); detaching
-the ranker keeps it from drifting towards an untrained retriever's scores.
+so the teacher moves with the training ("dynamic") but is taught by labels only. This differs from the paper in
+two ways. There the KL term also trains the re-ranker (both models learn from L_KL + L_sup, "joint training");
+detaching the ranker keeps it from drifting towards an untrained retriever's scores. And the paper's KL runs the
+other way, KL(retriever || ranker) = sum_g s_ig log(s_ig / r_ig); with the ranker a fixed target in each step, the
+distillation direction KL(ranker || retriever) is used here (the retriever must cover every document the ranker
+finds relevant, rather than pick one of them).
 """
 from __future__ import annotations
 
