@@ -114,8 +114,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ExactResume(L.Callback):
     """What a mid-epoch resume needs beyond Lightning's checkpoint (model, optimiser, scheduler, step, MoCo
     buffers): the Python, NumPy and torch random states, restored just before the first batch after resuming
-    (so dropout draws what the uninterrupted run drew), and the sampler position: the batches of the
-    interrupted epoch that were already trained on are skipped. Assumes one optimiser step per batch."""
+    (so dropout draws what the uninterrupted run drew). The data module puts its sampler past the batches already
+    trained on (``RetrievalDataModule.resume_position``). Assumes one optimiser step per batch."""
 
     def __init__(self, settings: dict | None = None):
         self._pending = None
@@ -148,11 +148,6 @@ class ExactResume(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        done = trainer.global_step - trainer.current_epoch * trainer.num_training_batches
-        if self._pending is not None and 0 < done < trainer.num_training_batches:
-            trainer.datamodule.skip_batches(done)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._pending is not None:

@@ -117,13 +117,15 @@ InfoNCELoss.forward = crashing
 """
 
 
-@pytest.mark.parametrize("negatives", ["inbatch", "moco"])
-def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives, tiny_model, beir_folder, tmp_path):
+@pytest.mark.parametrize("negatives,workers", [("inbatch", 0), ("moco", 0), ("inbatch", 1)])
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(negatives, workers, tiny_model, beir_folder,
+                                                                        tmp_path):
     """Kill a training process during step 3 of an epoch of 9 batches, rerun the command in the same run folder: the
     weights after step 4 (MoCo: queue and key encoder included, they are in the state dict) and the metrics equal
-    those of a run that was never interrupted."""
+    those of a run that was never interrupted; also with a DataLoader worker making the batches."""
     args = [a for a in overrides(tiny_model, beir_folder, 4) if not a.startswith("eval.after")]
-    args += [f"negatives={negatives}", "eval.batch_size=16"] + (["negatives.module.queue_size=6"] * (negatives == "moco"))
+    args += [f"negatives={negatives}", "eval.batch_size=16", f"num_workers={workers}"]
+    args += ["negatives.module.queue_size=6"] * (negatives == "moco")
     (tmp_path / "crash").mkdir()
     (tmp_path / "crash" / "sitecustomize.py").write_text(CRASH_ON_THIRD_CALL)
 
@@ -200,3 +202,88 @@ def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(
     assert check_resumable(str(path), cfg) == 3
     with pytest.raises(ConfigError, match=r"other settings \(data.split_seed: 7 -> 42\)"):
         check_resumable(str(path), compose_train(["seed=7"]))
+
+
+class EpochTagged(torch.utils.data.Dataset):
+    """Example i of epoch e is (i, e): what a batch holds shows the order and the epoch the dataset was at."""
+
+    def __init__(self):
+        self.epoch = 0
+
+    def __len__(self):
+        return 20
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        return index, self.epoch
+
+
+class RecordBatches(__import__("lightning").LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.current_epoch, batch))
+        return (self.w ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("tas", [False, True])
+def test_a_resume_goes_on_with_the_epochs_order_with_loader_workers(workers, tas, tmp_path):
+    """3 epochs of 5 batches. Resumed from a checkpoint mid-epoch 0, at the end of epoch 0 and mid-epoch 1, the run
+    trains on the batches the uninterrupted run trained on from there, its dataset at the same epoch, with or
+    without DataLoader workers (they start, drawing the order and copying the dataset, before any epoch hook)."""
+    import lightning as L
+
+    from retrieval_lab.callbacks import ExactResume
+    from retrieval_lab.data.datamodule import RetrievalDataModule
+    from retrieval_lab.data.sampling import ClusterBatchSampler
+
+    def fit(checkpoint=None, save=False):
+        data = EpochTagged()
+        sampler = ClusterBatchSampler(data, [i % 2 for i in range(20)], 4, 2, seed=1) if tas else None
+        datamodule = RetrievalDataModule(data, lambda examples: [list(e) for e in examples], batch_size=4,
+                                         num_workers=workers, seed=1, batch_sampler=sampler)
+        callbacks = [ExactResume()] + ([L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=tmp_path, filename="s{step}", every_n_train_steps=1, save_top_k=-1)] if save else [])
+        module = RecordBatches()
+        L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                  callbacks=callbacks, use_distributed_sampler=False, enable_checkpointing=save).fit(
+            module, datamodule=datamodule, ckpt_path=checkpoint)
+        return module.seen
+
+    straight = fit(save=True)
+    assert len(straight) == 15 and {batch[0][1] for epoch, batch in straight} == {0, 1, 2}
+    for step in (2, 5, 7):
+        assert fit(next(tmp_path.glob(f"s*step={step}.ckpt"))) == straight[step:], step
+
+
+@pytest.mark.parametrize("max_epochs,max_steps", [(3, -1), (3, 7), (2, 100), (None, 4)])
+def test_the_schedule_counts_the_runs_steps_without_building_the_loader(max_epochs, max_steps):
+    """BiEncoderModule.total_steps gives Lightning's estimated_stepping_batches, without building the training
+    loader (which, before a checkpoint is restored, would start its workers at the wrong place)."""
+    import lightning as L
+
+    from retrieval_lab.data.datamodule import RetrievalDataModule
+    from retrieval_lab.models.biencoder import BiEncoderModule
+
+    counted = {}
+
+    class Counting(RecordBatches):
+        def configure_optimizers(self):
+            counted["ours"] = BiEncoderModule.total_steps(self)
+            counted["loader built"] = self.trainer.train_dataloader is not None
+            counted["lightning"] = self.trainer.estimated_stepping_batches
+            return super().configure_optimizers()
+
+    datamodule = RetrievalDataModule(EpochTagged(), lambda examples: examples, batch_size=3, seed=1)  # 6 batches
+    L.Trainer(max_epochs=max_epochs, max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False).fit(
+        Counting(), datamodule=datamodule)
+    assert counted["ours"] == counted["lightning"] and not counted["loader built"]

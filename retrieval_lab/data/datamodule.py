@@ -87,12 +87,31 @@ class RetrievalDataModule(L.LightningDataModule):
         else:
             self.sampler.skip = count * self.batch_size
 
+    def batches_per_epoch(self) -> int:
+        """This process's batches in an epoch (the loader's length), known without building the loader."""
+        return len(self.batch_sampler) if self.batch_sampler is not None else len(self.sampler) // self.batch_size
+
+    def resume_position(self) -> None:
+        """Put the sampler (and the dataset's epoch) where the trainer stands: a resumed run goes on in its epoch's
+        order, past the batches already trained on. Done when Lightning asks for the loader, after it restored the
+        checkpoint: it starts the loader's workers at once (they draw the order and copy the dataset), before
+        any epoch-start hook; so nothing may ask for it earlier (``BiEncoderModule.configure_optimizers`` counts
+        the run's steps with ``batches_per_epoch``). (Assumes one optimiser step per batch.)"""
+        trainer = self.trainer
+        if trainer is None or trainer.global_step == 0:
+            return
+        batches = self.batches_per_epoch()
+        epoch, done = divmod(trainer.global_step, batches) if batches else (0, 0)
+        (self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler).set_epoch(epoch)
+        self.skip_batches(done)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         connector = getattr(trainer, "_accelerator_connector", None)
         if trainer is not None and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             raise ConfigError("training under DDP needs Trainer(use_distributed_sampler=False) (trainer."
                               "use_distributed_sampler=false): the samplers share the examples out themselves.")
+        self.resume_position()
         if self.batch_sampler is not None:
             return DataLoader(self.train_set, batch_sampler=self.batch_sampler, collate_fn=self.collator,
                               num_workers=self.num_workers)

@@ -141,6 +141,16 @@ class BiEncoderModule(L.LightningModule):
         if not self.automatic_optimization and self.gradient_clip_val:
             self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val, gradient_clip_algorithm="norm")
 
+    def total_steps(self) -> int:
+        """The run's optimiser steps, for the learning-rate schedule. Lightning's ``estimated_stepping_batches`` gives
+        the same figure but builds the training loader to count its batches, before a resumed run's checkpoint is
+        restored: its workers would start at the wrong place (see ``RetrievalDataModule.resume_position``)."""
+        trainer, datamodule = self.trainer, getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "batches_per_epoch") or trainer.max_epochs == -1:
+            return int(trainer.estimated_stepping_batches)
+        total = datamodule.batches_per_epoch() * max(trainer.max_epochs, 1)
+        return total if trainer.max_steps == -1 else min(total, trainer.max_steps)
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.named_parameters():
@@ -148,6 +158,6 @@ class BiEncoderModule(L.LightningModule):
                 (no_decay if param.ndim < 2 else decay).append(param)  # biases and LayerNorm weights
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.total_steps()
         schedule = LambdaLR(optimizer, linear_warmup_decay(int(total * self.warmup_ratio), total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
