@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from retrieval_lab.data.beir import BeirSplit
 from retrieval_lab.errors import UserError
+from retrieval_lab.retrieval.evaluation import retrieve_split
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 
@@ -33,15 +34,15 @@ class RetrievalValidation(L.Callback):
 
     def __init__(self, dev: BeirSplit, corpus_sample: int | None = None, every_n_epochs: int = 1,
                  batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0,
-                 every_n_steps: int | None = None, index: str = "flat"):
+                 every_n_steps: int | None = None, index: str = "flat", ignore_identical_ids: bool = True):
         self.dev = BeirSplit(sample_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
         self.index = index
         self.every_n_epochs, self.batch_size, self.k, self.metrics = every_n_epochs, batch_size, k, tuple(metrics)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps, self.ignore_identical_ids = every_n_steps, ignore_identical_ids
 
     def validate(self, pl_module: L.LightningModule) -> dict:
         retriever = pl_module.retriever(self.batch_size, self.index, progress=False, shard=True)  # DDP: corpus shared out
-        run = retriever.retrieve(self.dev.corpus, self.dev.queries, self.k)
+        run = retrieve_split(retriever, self.dev, self.k, self.ignore_identical_ids)
         return {f"val/{name}": value for name, value in evaluate_run(self.dev.qrels, run, self.metrics).items()}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

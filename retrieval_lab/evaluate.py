@@ -49,7 +49,8 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.get("reranker"):
         retriever = instantiate(cfg.reranker)(first_stage=retriever)
         name = f"{name}+{Path(cfg.reranker._target_).suffix.lstrip('.')}"
-    scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name)
+    scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name,
+                                ignore_identical_ids=cfg.ignore_identical_ids)
     if isinstance(retriever, HybridRetriever):
         extra = {"alpha": retriever.alpha, "dev_" + retriever.tune_metric: retriever.tuning or None}
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,

@@ -206,7 +206,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size,
                                              seed=cfg.data.split_seed, every_n_steps=cfg.validation.get("every_n_steps"),
-                                             index=cfg.eval.index))
+                                             index=cfg.eval.index,
+                                             ignore_identical_ids=cfg.eval.ignore_identical_ids))
     return callbacks
 
 
@@ -278,7 +279,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     def test_eval(name: str) -> dict:
         retriever = module.retriever(cfg.eval.batch_size, cfg.eval.index, device="auto")
         return evaluate_retriever(retriever, test, run_dir / name / "run.trec", cfg.eval.k, list(cfg.eval.metrics),
-                                  tag=name)
+                                  tag=name, ignore_identical_ids=cfg.eval.ignore_identical_ids)
 
     results = {}
     if cfg.eval.before and first:

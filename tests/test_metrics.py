@@ -162,3 +162,23 @@ def test_an_unknown_metric_is_refused_before_retrieval_and_a_run_file_survives_s
     with pytest.raises(Exception):
         evaluate_retriever(Fixed(), split, tmp_path / "run.trec", metrics=["recal@100"])
     assert (tmp_path / "run.trec").read_text().splitlines()[0] == "q Q0 d1 1 2.0 retrieval_lab"
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_a_querys_own_document_is_left_out_as_beir_evaluates(ignore, tmp_path):
+    """ArguAna and Quora hold each query in the corpus under its own id; BEIR's evaluation drops that document from
+    the query's results (ignore_identical_ids) and still returns k documents. Here q1's own document ranks first
+    above its relevant d2 (rank 2, reciprocal rank 1/2); left out, d2 ranks first."""
+    from retrieval_lab.data.beir import BeirSplit
+    from retrieval_lab.retrieval.evaluation import evaluate_retriever
+
+    class Fixed:
+        def retrieve(self, corpus, queries, k):
+            ranking = {"q1": 0.9, "d2": 0.8, "d3": 0.7, "d4": 0.6}
+            return {"q1": dict(list(ranking.items())[:k])}
+
+    split = BeirSplit({d: None for d in ("q1", "d2", "d3", "d4")}, {"q1": "text"}, {"q1": {"d2": 1}})
+    scores = evaluate_retriever(Fixed(), split, tmp_path / "run.trec", k=2, metrics=["mrr@10"],
+                                ignore_identical_ids=ignore)
+    assert scores["mrr@10"] == (1.0 if ignore else 0.5)
+    assert list(read_trec_run(tmp_path / "run.trec")["q1"]) == (["d2", "d3"] if ignore else ["q1", "d2"])

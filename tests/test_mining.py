@@ -23,6 +23,12 @@ def test_mining_drops_positives_only():
     assert mined["q2"].neg == ["x", "y"]
 
 
+def test_the_query_itself_is_never_its_negative():
+    """ArguAna and Quora hold each query in the corpus under its own id: that document is no negative."""
+    mined = mine_negatives({"q1": {"q1": 20.0, **RUN["q1"]}}, {"q1": QRELS["q1"]}, n_neg=2)
+    assert mined["q1"].neg == ["a", "b"]
+
+
 def test_skip_top_and_score_ratio_guard_against_false_negatives():
     assert mine_negatives(RUN, QRELS, n_neg=2, skip_top=1)["q1"].neg == ["b", "c"]
     assert mine_negatives(RUN, QRELS, n_neg=10, score_ratio=0.9)["q1"].neg == ["b", "c", "d"]  # >= 8.1 dropped

@@ -3,7 +3,8 @@
 Two guards (Qu et al., 2021, RocketQA, and common practice since): ``skip_top`` drops the first n non-positive
 candidates, which are the likeliest to be unjudged relevant documents; ``score_ratio`` drops candidates that
 score at least ``score_ratio`` times the best-scoring positive (for scores that are positive, e.g. BM25 or
-cosine; a query whose positives were not retrieved gets no ratio filter).
+cosine; a query whose positives were not retrieved gets no ratio filter). A document with the query's own id
+(ArguAna and Quora hold each query in the corpus too) is never its negative.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def mine_negatives(run: dict[str, dict[str, float]], qrels: Qrels, n_neg: int = 
             continue
         order = ranked(run.get(qid, {}))  # ties as trec_eval breaks them
         pos_scores = [s for d, s in order if d in positives]
-        candidates = [(d, s) for d, s in order if d not in positives][skip_top:]
+        candidates = [(d, s) for d, s in order if d not in positives and d != qid][skip_top:]  # not the query itself
         if score_ratio is not None and pos_scores:
             candidates = [(d, s) for d, s in candidates if s < score_ratio * max(pos_scores)]
         negatives = candidates[:n_neg]

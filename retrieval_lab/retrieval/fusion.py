@@ -12,7 +12,7 @@ import numpy as np
 
 from retrieval_lab.data.beir import BeirSplit, Document
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.metrics import Run, evaluate_run, ranked
+from retrieval_lab.retrieval.metrics import Run, evaluate_run, ranked, top_k
 
 METHODS = ("linear", "rrf")
 
@@ -34,11 +34,6 @@ def reciprocal_rank_fusion(runs: list[Run], rrf_k: int = 60) -> Run:
             for rank, (doc_id, _) in enumerate(ranked(docs), start=1):
                 out[doc_id] = out.get(doc_id, 0.0) + 1.0 / (rrf_k + rank)
     return fused
-
-
-def top_k(run: Run, k: int) -> Run:
-    """Each query's first ``k`` documents in trec_eval's order (ties by doc id descending)."""
-    return {q: dict(ranked(docs)[:k]) for q, docs in run.items()}
 
 
 class HybridRetriever:

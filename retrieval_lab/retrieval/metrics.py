@@ -17,6 +17,11 @@ def ranked(docs: dict[str, float]) -> list[tuple[str, float]]:
     return sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)
 
 
+def top_k(run: Run, k: int) -> Run:
+    """Each query's first ``k`` documents in trec_eval's order (ties by doc id descending)."""
+    return {q: dict(ranked(docs)[:k]) for q, docs in run.items()}
+
+
 def _ranx_inputs(qrels: Qrels, run: Run):
     from ranx import Qrels as RanxQrels
     from ranx import Run as RanxRun
