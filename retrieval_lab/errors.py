@@ -26,6 +26,11 @@ def find_user_error(err: BaseException | None) -> UserError | None:
     return None
 
 
+def warn(message: str) -> None:
+    """Input the run goes on with, told in one line on stderr (``warning: ...``), as errors are."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def exit_on_user_error():
     """Turn a UserError into one line on stderr and exit status 2 (no stack trace)."""

@@ -30,7 +30,8 @@ def mine(cfg: DictConfig) -> Path:
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")
-    split = BeirDataset(cfg.data.path).split(cfg.split)
+    dataset = BeirDataset(cfg.data.path)
+    split = dataset.subset(dataset.qrels(cfg.split, reachable_only=True))  # positives are written out with the text
     run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
     mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
     if cfg.denoise.cross_encoder:

@@ -110,7 +110,7 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     """The training set the config asks for (pairs + negatives), batched as ``module`` needs it; and the dev
     qrels for validation."""
     encoder = module.encoder
-    train_qrels, dev_qrels = dataset.qrels(cfg.data.train_split), None
+    train_qrels, dev_qrels = dataset.qrels(cfg.data.train_split, reachable_only=True), None
     extras = {}
     if cfg.negatives.get("file"):
         extras["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)

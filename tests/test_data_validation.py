@@ -238,8 +238,10 @@ CASES = [
     Case("qrels-non-numeric-score", lambda d: replace_line(qrels_test(d), 3, "q3\td4\thigh"), "test.tsv", 3),
     Case("qrels-empty-score", lambda d: replace_line(qrels_test(d), 4, "q3\td5\t"), "test.tsv", 4),
     Case("qrels-infinite-score", lambda d: replace_line(qrels_test(d), 3, "q3\td4\tinf"), "test.tsv", 3),
-    Case("qrels-unknown-query-id", lambda d: append_line(qrels_test(d), "q99\td1\t1"), "test.tsv", 5),
-    Case("qrels-unknown-corpus-id", lambda d: append_line(qrels_test(d), "q2\td99\t1"), "test.tsv", 5),
+    Case("qrels-no-known-query-id", lambda d: qrels_test(d).write_text(f"{HEADER}\nQ2\td3\t1\nQ3\td4\t1\n"),
+         "test.tsv", 2),
+    Case("qrels-no-known-corpus-id", lambda d: qrels_test(d).write_text(f"{HEADER}\nq2\tD3\t1\nq3\tD4\t1\n"),
+         "test.tsv", 2),
     Case("qrels-duplicate-judgement", lambda d: append_line(qrels_test(d), "q2\td3\t0"), "test.tsv", 5),
     Case("qrels-empty-file", lambda d: qrels_test(d).write_text("", encoding="utf-8"), "test.tsv", None),
     Case("qrels-header-only", lambda d: qrels_test(d).write_text(HEADER + "\n", encoding="utf-8"), "test.tsv", None),
@@ -292,7 +294,7 @@ def test_check_cli_rejects_malformed_input(case: Case, beir_dir: Path, tmp_path:
 
 def test_check_cli_validates_every_split(beir_dir: Path, tmp_path: Path):
     """`check` reads all qrels files, not just test: a fault in train.tsv is reported too."""
-    append_line(beir_dir / "qrels" / "train.tsv", "q1\tnope\t1")
+    append_line(beir_dir / "qrels" / "train.tsv", "q1\tnope")
     assert BeirDataset(beir_dir).split("test").qrels  # the test split alone is fine
     assert_one_error_line(run_cli("check", beir_dir, cwd=tmp_path), "train.tsv", "line 4")
 
@@ -328,7 +330,7 @@ def assert_no_stray_copies(dest: Path, allowed: Path | None = None) -> None:
 BAD_SOURCES = {
     "source-missing": lambda d: d.parent / "not_there",
     "corpus-not-json": lambda d: replace_line(corpus(d), 3, "{oops"),
-    "qrels-unknown-corpus-id": lambda d: append_line(qrels_test(d), "q2\td99\t1"),
+    "qrels-no-known-corpus-id": lambda d: qrels_test(d).write_text(f"{HEADER}\nq2\tD3\t1\n"),
     "train-qrels-bad": lambda d: replace_line(d / "qrels" / "train.tsv", 2, "q1\td1"),
 }
 
@@ -363,7 +365,7 @@ def test_fetch_good_source_then_force_with_bad_source_keeps_copy(beir_dir: Path,
 
     # A bad source, with and without --force: the good copy survives untouched.
     bad = write_beir_folder(tmp_path / "bad_source")
-    append_line(qrels_test(bad), "q3\tmissing-doc\t1")
+    append_line(qrels_test(bad), "q3\td4")
     for force in (["--force"], []):
         proc = run_cli("fetch", NAME, "--source", bad, "--dest", dest, *force, cwd=tmp_path)
         if force:
@@ -441,3 +443,26 @@ def test_carve_dev_rejects_invalid_fraction(fraction: float):
 def test_carve_dev_rejects_fraction_leaving_no_training_queries():
     with pytest.raises(DataError, match="no training queries"):
         carve_dev(_qrels(2), 0.9, seed=0)
+
+
+def test_judgements_of_unknown_ids_as_beirs_own_data_sets_hold_them(beir_dir: Path, tmp_path: Path, capsys):
+    """ArguAna's test qrels name a document missing from its corpus, NFCorpus's name queries missing from its
+    queries: such a data set loads, with one warning line per kind naming the file, the first line and the count.
+    The unknown query's judgement is left out; the unknown document's is kept for evaluation, relevant but
+    unreachable (its query's recall can reach 1/2 only, as trec_eval and BEIR count it), and left out of training
+    and mining (reachable_only)."""
+    from retrieval_lab.retrieval.metrics import evaluate_run
+
+    append_line(qrels_test(beir_dir), "q99\td1\t1")  # line 5
+    append_line(qrels_test(beir_dir), "q2\td99\t1")  # line 6
+    data = BeirDataset(beir_dir)
+    qrels = data.qrels("test")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("warning: ") and "test.tsv" in line for line in err)
+    assert "names a query id that is not in queries.jsonl (line 5: 'q99'); left out." in err[0]
+    assert "names a corpus id that is not in corpus.jsonl (line 6: 'd99'); kept" in err[1]
+    assert "q99" not in qrels and qrels["q2"] == {"d3": 1, "d99": 1}
+    assert evaluate_run({"q2": qrels["q2"]}, {"q2": {"d3": 1.0, "d1": 0.5}}, ["recall@100"])["recall@100"] == 0.5
+    assert data.qrels("test", reachable_only=True)["q2"] == {"d3": 1}
+    proc = run_cli("check", beir_dir, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr.count("warning: ") == 2, proc.stderr

@@ -2,7 +2,8 @@
 
 A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``)
 and ``qrels/{split}.tsv`` (``query-id``, ``corpus-id``, ``score`` with a header line). Every reader here
-stops at the first problem with a :class:`DataError` whose message names the file and line.
+stops at the first problem with a :class:`DataError` whose message names the file and line; the one exception is
+a qrels line naming an unknown id, which BEIR's own data sets hold (see ``load_qrels``).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval_lab.errors import DataError
+from retrieval_lab.errors import DataError, warn
 
 Qrels = dict[str, dict[str, int]]
 
@@ -120,11 +121,19 @@ def load_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
-def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | None = None) -> Qrels:
-    """Read a qrels TSV; with ``corpus``/``queries`` given, every id it names must exist in them."""
+def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | None = None,
+               reachable_only: bool = False) -> Qrels:
+    """Read a qrels TSV. With ``corpus``/``queries`` given, judgements naming ids they lack are taken as BEIR's own
+    data sets hold a few (ArguAna's test qrels name a document missing from its corpus, NFCorpus's name queries
+    missing from queries.jsonl), with a warning naming the file, the first such line and the count: a judgement
+    of an unknown query is left out (it cannot be asked); one of an unknown document is kept, relevant but
+    unreachable, as BEIR's evaluation counts it, unless ``reachable_only`` (training and mining need its text).
+    A file none of whose judgements names a known query and document is refused."""
     path = Path(path)
+    unknown = {"query": [], "corpus": []}  # (line, id) of the judgements naming an unknown id
     _require_file(path)
     qrels: Qrels = {}
+    seen: dict[str, set[str]] = {}  # every judged pair, to refuse a second judgement of one
     lines = read_lines(path)
     _, header = next(lines, (1, ""))
     if not header.strip():
@@ -143,15 +152,35 @@ def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | Non
             score = int(float(score_text))
         except (ValueError, OverflowError):
             raise DataError(f"{path} line {lineno}: score {score_text!r} is not a finite number.") from None
-        if queries is not None and qid not in queries:
-            raise DataError(f"{path} line {lineno} names query id '{qid}', which is not in queries.jsonl.")
-        if corpus is not None and doc_id not in corpus:
-            raise DataError(f"{path} line {lineno} names corpus id '{doc_id}', which is not in corpus.jsonl.")
-        if doc_id in qrels.get(qid, {}):
+        if doc_id in seen.get(qid, ()):
             raise DataError(f"{path} line {lineno} judges the pair ('{qid}', '{doc_id}') a second time.")
+        seen.setdefault(qid, set()).add(doc_id)
+        if queries is not None and qid not in queries:
+            unknown["query"].append((lineno, qid))
+            continue
+        if corpus is not None and doc_id not in corpus:
+            unknown["corpus"].append((lineno, doc_id))
+            if reachable_only:
+                continue
         qrels.setdefault(qid, {})[doc_id] = score
-    if not qrels:
+    if not seen:
         raise DataError(f"{path} holds no judgements.")
+    for kind, file, what in (("query", "queries.jsonl", "left out"),
+                             ("corpus", "corpus.jsonl", "left out" if reachable_only else
+                              "kept as relevant but unreachable, as BEIR's evaluation counts such judgements")):
+        if unknown[kind]:
+            (line, first), count = unknown[kind][0], len(unknown[kind])
+            if count == sum(len(docs) for docs in seen.values()):
+                if count == 1:
+                    raise DataError(f"{path} line {line}, its only judgement, names {kind} id '{first}', which is "
+                                    f"not in {file}.")
+                raise DataError(f"{path}: none of its {count} judgements names a {kind} id of {file} (line {line} "
+                                f"names '{first}'): the ids of the two files do not match.")
+            names = (f"1 judgement names a {kind} id that is not in {file} (line {line}: '{first}')" if count == 1 else
+                     f"{count} judgements name {kind} ids that are not in {file} (first at line {line}: '{first}')")
+            warn(f"{path}: {names}; {what}.")
+    if not qrels:
+        raise DataError(f"{path} holds no judgements of documents in the corpus.")
     return qrels
 
 
@@ -182,8 +211,9 @@ class BeirDataset:
         self.corpus = load_corpus(self.path / "corpus.jsonl")
         self.queries = load_queries(self.path / "queries.jsonl")
 
-    def qrels(self, split: str) -> Qrels:
-        return load_qrels(qrels_path(self.path, split), self.corpus, self.queries)
+    def qrels(self, split: str, reachable_only: bool = False) -> Qrels:
+        """``reachable_only``: without judgements of documents missing from the corpus (see ``load_qrels``)."""
+        return load_qrels(qrels_path(self.path, split), self.corpus, self.queries, reachable_only)
 
     def split(self, split: str) -> BeirSplit:
         return self.subset(self.qrels(split))
