@@ -88,6 +88,9 @@ def check_train_config(cfg: DictConfig) -> None:
                 "must lie between 1 and batch_size.")
     if cfg.negatives.get("refresh"):
         require(cfg, "negatives.refresh.every_n_steps", cfg.negatives.refresh.every_n_steps >= 1, "must be 1 or more.")
+        require(cfg, "negatives.balanced_bins", not cfg.negatives.get("balanced_bins"),
+                "draws negatives by their teacher-score margins, which ANCE's re-mined negatives (negatives.refresh) "
+                "do not have: TAS-B's pairs would silently turn into random ones.")
     if cfg.negatives.get("file"):
         require(cfg, "pairs", cfg.pairs._target_.endswith("SupervisedPairs"),
                 "cannot use a mined negatives file: only pairs=supervised draws its negatives from one.")

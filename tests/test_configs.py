@@ -57,6 +57,7 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("negatives=moco loss=margin_mse +negatives.file=s.jsonl negatives.group_size=2", "loss=MarginMSELoss needs teacher"),
     ("negatives=moco loss=listwise_kl +negatives.file=s.jsonl negatives.group_size=2", "loss=ListwiseKLLoss needs"),
     ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 is not supported"),
+    ("negatives=tasb +negatives.refresh.every_n_steps=5", "negatives.balanced_bins=10 draws negatives by their"),
 ])
 def test_impossible_settings_are_refused(override, key):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
