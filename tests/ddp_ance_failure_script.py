@@ -1,6 +1,7 @@
-"""Run by tests/test_ddp.py: ANCE under DDP on 2 CPU processes (gloo), where process 1 runs out of memory while
-encoding its share of the corpus for the first refresh. Each process saves the error that stopped its training,
-the step it stopped at, and how long its refresh group's collectives were given (gloo's timeout)."""
+"""Run by tests/test_ddp.py: ANCE under DDP on 2 CPU processes (gloo), where process 1 runs out of memory in the
+first refresh: while encoding its share of the corpus (``encode``), or while setting up its retriever, before
+the first collective (``setup``). Each process saves the error that stopped its training and the step it
+stopped at."""
 import sys
 import time
 
@@ -11,13 +12,14 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.pairs import SupervisedPairs
+from retrieval_lab.mining import ance
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.models.biencoder import BiEncoderModule
 from retrieval_lab.models.encoder import Encoder
 from retrieval_lab.retrieval import dense
 
-model_dir, data_dir, negatives_file, out_dir = sys.argv[1:5]
+model_dir, data_dir, negatives_file, out_dir, where = sys.argv[1:6]
 encode_texts = dense.encode_texts
 
 
@@ -27,7 +29,17 @@ def failing_on_process_1(encoder, texts, side, *args, **kwargs):
     return encode_texts(encoder, texts, side, *args, **kwargs)
 
 
-dense.encode_texts = failing_on_process_1
+class FailingToSetUp(dense.DenseRetriever):
+    def __init__(self, *args, **kwargs):
+        if torch.distributed.get_rank() == 1:
+            raise MemoryError("CUDA out of memory while setting up the retriever")
+        super().__init__(*args, **kwargs)
+
+
+if where == "encode":
+    dense.encode_texts = failing_on_process_1
+else:
+    ance.DenseRetriever = FailingToSetUp
 
 
 class Slow(L.Callback):  # steps of 0.1 s at least: training would go on for 20 s if the failure went unnoticed

@@ -227,18 +227,21 @@ def test_ance_refresh_is_shared_out_and_swapped_in_at_the_same_step(tiny_model, 
     assert ranks[0]["built"][0]["table"] != ranks[0]["built"][1]["table"]  # training moved the negatives
 
 
-def test_a_refresh_that_fails_on_one_process_stops_every_process_at_once(tiny_model, beir_folder, bm25_negatives,
-                                                                        tmp_path):
-    """Process 1 runs out of memory while encoding its share of the corpus for an ANCE refresh. Process 0, whose
-    share encoded fine, learns it at the all-gather instead of waiting there for gloo's timeout (30 minutes): both
-    stop at the same step, soon after the refresh began, each with an error that names process 1's."""
-    run_script("ddp_ance_failure_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path)
+@pytest.mark.parametrize("where", ["encode", "setup"])
+def test_a_refresh_that_fails_on_one_process_stops_every_process_at_once(where, tiny_model, beir_folder,
+                                                                        bm25_negatives, tmp_path):
+    """Process 1 runs out of memory in an ANCE refresh: while encoding its share of the corpus, or while setting up
+    its retriever, before the first collective. Process 0 learns it at its next all-gather instead of waiting there
+    for gloo's timeout (30 minutes): both stop at the same step, soon after the refresh began, each with an error
+    that names process 1's."""
+    run_script("ddp_ance_failure_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, where)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["step"] == ranks[1]["step"] < 20  # 200 steps of at least 0.1 s each, had training gone on
     for rank in ranks:
         assert rank["error"].startswith("the ANCE refresh begun at step 2 failed after")
     assert "process 1 of 2 failed: MemoryError: CUDA out of memory" in ranks[0]["error"]
-    assert ranks[1]["error"].endswith("caused by MemoryError: CUDA out of memory while encoding the corpus")
+    doing = {"encode": "encoding the corpus", "setup": "setting up the retriever"}[where]
+    assert ranks[1]["error"].endswith(f"caused by MemoryError: CUDA out of memory while {doing}")
 
 
 def test_a_non_finite_loss_in_one_process_stops_every_process(tiny_model, beir_folder, tmp_path):

@@ -48,10 +48,12 @@ class AnceRefresh(L.Callback):
         rank, world = distributed_rank_world(self.group) if self.group is not None else (0, 1)
         qids = self.train_set.qids[rank::world]
         queries = {q: self.train_set.dataset.queries[q] for q in qids}
-        with fail_together(self.group, world > 1):  # no process left waiting in an all-gather for a failed one
+        # no process left waiting in a collective for a failed one: each block between collectives fails together
+        with fail_together(self.group, world > 1):
             retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
                                        group=self.group)
-            run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)
+        run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)  # raises on every process
+        with fail_together(self.group, world > 1):
             mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.judged[q]} for q in qids}, self.n_neg,
                                    self.skip_top)
             table = {q: mined[q].neg if q in mined else [] for q in qids}

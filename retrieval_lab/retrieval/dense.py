@@ -78,7 +78,8 @@ def fail_together(group=None, distributed: bool = True):
     """For a block that every process of ``group`` runs before a collective: an error in it, on any process, is
     raised on every process as the block ends, instead of leaving the others waiting in that collective until its
     timeout (30 minutes by default). The failed process raises its own error; the others raise a RuntimeError that
-    names the process and its error. Costs one small all-gather; ``distributed=False``: the block alone."""
+    names the process and its error. Costs one small all-gather; ``distributed=False``: the block alone. Blocks
+    must not nest (an outer block's all-gather would meet an inner one's on a process that failed in between)."""
     error = None
     try:
         yield
@@ -126,13 +127,15 @@ class DenseRetriever:
     def retrieve(self, corpus: dict[str, Document], queries: dict[str, str], k: int = 100) -> dict[str, dict[str, float]]:
         doc_ids, qids = list(corpus), list(queries)
         rank, world = distributed_rank_world(self.group) if self.shard else (0, 1)
+        # sharded, every process returns or every process raises: the blocks between collectives fail together
         with fail_together(self.group, world > 1):  # a process that fails to encode its share fails them all
             doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
         if world > 1:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
-        query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
-        index = build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
-        scores, ids = index.search(query_emb, min(k, len(doc_ids)))
+        with fail_together(self.group, world > 1):
+            query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
+            index = build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
+            scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}
