@@ -41,11 +41,54 @@ def check_all_set(cfg: DictConfig) -> None:
         raise ConfigError(f"config key {key} must be set ({key}=...).")
 
 
+_ABSENT = object()
+
+
+def check_kinds(cfg: DictConfig, whole=(), optional_whole=(), numbers=()) -> None:
+    """Refuse a value of the wrong kind (a word where a number goes, 2.5 for a count) in one sentence, before a
+    comparison with it raises a TypeError. Keys the config does not have are skipped."""
+    def is_whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for keys, ok, kind in ((whole, is_whole, "a whole number"),
+                           (optional_whole, lambda v: v is None or is_whole(v), "a whole number (or null)"),
+                           (numbers, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number")):
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False)
+            if value is not _ABSENT and not ok(value):
+                raise ConfigError(f"{key}={value} must be {kind}.")
+
+
+def check_search(cfg: DictConfig, k_key: str, metrics_key: str, sample_key: str | None = None) -> None:
+    """The depth of a search and its corpus sample: ``k`` of at least 1 and at least every metric's cutoff (recall@100
+    on 10 documents would be another measure under the same name); a sample of at least 1 document."""
+    import re
+
+    k, metrics = OmegaConf.select(cfg, k_key), OmegaConf.select(cfg, metrics_key)
+    require(cfg, k_key, k >= 1, "must be at least 1.")
+    for metric in metrics:
+        cutoff = re.search(r"@(\d+)$", str(metric))
+        require(cfg, k_key, cutoff is None or k >= int(cutoff.group(1)),
+                f"retrieves fewer documents than {metric} looks at; raise {k_key} or drop {metric} from {metrics_key}.")
+    if sample_key is not None:
+        sample = OmegaConf.select(cfg, sample_key)
+        require(cfg, sample_key, sample is None or sample >= 1, "must be a number of documents (or null: all).")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Refuse, with one sentence, the settings that cannot work together."""
     for key in ("data.path", "model.name_or_path", "batch_size", "loss.temperature", "optim.lr"):
         if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
             raise ConfigError(f"config key {key} must be set.")
+    check_kinds(cfg, whole=("seed", "data.split_seed", "batch_size", "negatives.group_size", "checkpoint.keep",
+                            "eval.k", "eval.batch_size"),
+                optional_whole=("eval.corpus_sample", "validation.corpus_sample", "negatives.clusters",
+                                "negatives.clusters_per_batch", "negatives.module.queue_size", "negatives.balanced_bins"),
+                numbers=("optim.lr", "optim.weight_decay", "optim.warmup_ratio", "loss.temperature", "loss.scale",
+                         "loss.alpha", "loss.teacher_temperature", "data.dev_fraction", "negatives.module.momentum"))
+    check_search(cfg, "eval.k", "eval.metrics", "eval.corpus_sample")
+    require(cfg, "validation.corpus_sample", cfg.validation.corpus_sample is None or cfg.validation.corpus_sample >= 1,
+            "must be a number of documents (or null: all).")
     group = cfg.negatives.group_size
     require(cfg, "batch_size", cfg.batch_size >= 1, "must be at least 1.")
     require(cfg, "batch_size", group > 1 or cfg.batch_size >= 2,

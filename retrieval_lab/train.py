@@ -167,7 +167,12 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
     """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
     temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
     finished, report as its own)."""
-    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
+        step = int(state["global_step"])
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ... for a file of another kind
+        raise ConfigError(f"resume={cfg.resume}: {checkpoint} is not a training checkpoint (torch.load could not "
+                          f"read it: {type(err).__name__}).") from None
     saved = state.get("retrieval_lab_settings")
     if saved is not None:
         saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
@@ -179,7 +184,7 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
             raise ConfigError(f"resume={cfg.resume}: {checkpoint} was written by a run with other settings "
                               f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); use another "
                               f"hydra.run.dir (or hydra.sweep.dir), or resume=null to start afresh there.")
-    return int(state["global_step"])
+    return step
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels,

@@ -58,6 +58,18 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("negatives=moco loss=listwise_kl +negatives.file=s.jsonl negatives.group_size=2", "loss=ListwiseKLLoss needs"),
     ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4 is not supported"),
     ("negatives=tasb +negatives.refresh.every_n_steps=5", "negatives.balanced_bins=10 draws negatives by their"),
+    ("batch_size=abc", "batch_size=abc must be a whole number"),
+    ("batch_size=2.5", "batch_size=2.5 must be a whole number"),
+    ("seed=abc", "seed=abc must be a whole number"),
+    ("optim.lr=abc", "optim.lr=abc must be a number"),
+    ("loss.temperature=abc", "loss.temperature=abc must be a number"),
+    ("negatives=bm25 negatives.group_size=abc", "negatives.group_size=abc must be a whole number"),
+    ("validation.corpus_sample=abc", "validation.corpus_sample=abc must be a whole number \\(or null\\)"),
+    ("eval.corpus_sample=-5", "eval.corpus_sample=-5 must be a number of documents"),
+    ("validation.corpus_sample=0", "validation.corpus_sample=0 must be a number of documents"),
+    ("eval.k=0", "eval.k=0 must be at least 1"),
+    ("eval.k=5", "eval.k=5 retrieves fewer documents than ndcg@10 looks at"),
+    ("eval.k=50", "eval.k=50 retrieves fewer documents than recall@100 looks at"),
 ])
 def test_impossible_settings_are_refused(override, key):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

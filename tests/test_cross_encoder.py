@@ -191,7 +191,7 @@ def test_rocketqa_ranker_learns_from_labels_only_and_retriever_from_the_ranker(t
 
 @pytest.mark.parametrize("overrides,message", [
     (["loss=margin_mse"], "loss=MarginMSELoss needs groups of hard negatives"),
-    (["loss=listwise_kl", "negatives=moco"], "loss=ListwiseKLLoss needs groups of hard negatives"),
+    (["loss=listwise_kl", "negatives=moco"], "loss=ListwiseKLLoss needs teacher scores for each query's group"),
     (["loss=margin_mse", "negatives=ance"], "negatives=ance cannot be used with loss=MarginMSELoss"),
     (["module=cross_encoder", "negatives=tas"], "module=cross_encoder trains on fixed negatives files"),
     (["module=cross_encoder", "negatives.group_size=1"], "module=cross_encoder needs groups of hard negatives"),

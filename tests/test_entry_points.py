@@ -65,3 +65,30 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
     assert split("train", "seed=2") == dev == split("evaluate")
     assert split("train", "seed=1", "data.split_seed=7") != dev
     assert split("evaluate", "data.split_seed=7") == split("train", "data.split_seed=7")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["retriever=bm25", "k=5"], "error: k=5 retrieves fewer documents than ndcg@10 looks at"),
+    (["retriever=bm25", "k=0"], "error: k=0 must be at least 1."),
+    (["retriever=bm25", "k=abc"], "error: k=abc must be a whole number."),
+    (["retriever.index=foo"], "error: retriever.index must be 'flat', 'hnsw' or 'torch', got 'foo'."),
+])
+def test_evaluate_refuses_a_search_that_cannot_give_its_metrics(args, needle, tiny_model, beir_folder, tmp_path):
+    """k below a metric's cutoff (recall@100 on 5 documents), not a number, or an unknown index: one sentence, before
+    the corpus is encoded, and no metrics.json."""
+    result = run_module("retrieval_lab.evaluate", f"model.name_or_path={tiny_model}", "data=beir",
+                        f"data.path={beir_folder}", *args, f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(needle), result.stderr[-2000:]
+    assert "encode" not in result.stderr and not (tmp_path / "metrics.json").exists()
+
+
+def test_resuming_from_a_file_that_is_no_checkpoint_is_refused(tiny_model, beir_folder, tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    result = run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", f"resume={tmp_path / 'notes.ckpt'}", "logger=csv",
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: resume={tmp_path / 'notes.ckpt'}: {tmp_path / 'notes.ckpt'} is not a training checkpoint (torch.load "
+        "could not read it: RuntimeError).")

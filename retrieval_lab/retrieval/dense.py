@@ -31,6 +31,9 @@ class TorchIndex:
         return torch.cat(scores).numpy(), torch.cat(ids).numpy()
 
 
+INDEXES = ("flat", "hnsw", "torch")
+
+
 def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch.device | None = None):
     """``flat``: exact inner product (faiss); ``hnsw``: approximate (faiss HNSW graph, 32 links) for large corpora;
     ``torch``: exact inner product with torch on ``device`` (the GPU, when the encoder is there)."""
@@ -107,6 +110,8 @@ class DenseRetriever:
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
                  compile: bool | str = False, group=None, tokenize_processes: int | str = "auto"):
+        if index not in INDEXES:  # before the corpus is encoded
+            raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
         self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         self.group, self.tokenize_processes = group, tokenize_processes
