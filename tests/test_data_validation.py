@@ -242,6 +242,8 @@ CASES = [
          "test.tsv", 2),
     Case("qrels-no-known-corpus-id", lambda d: qrels_test(d).write_text(f"{HEADER}\nq2\tD3\t1\nq3\tD4\t1\n"),
          "test.tsv", 2),
+    Case("qrels-nothing-relevant", lambda d: qrels_test(d).write_text(f"{HEADER}\nq2\td3\t0\nq3\td4\t-1\n"),
+         "test.tsv", None),
     Case("qrels-duplicate-judgement", lambda d: append_line(qrels_test(d), "q2\td3\t0"), "test.tsv", 5),
     Case("qrels-empty-file", lambda d: qrels_test(d).write_text("", encoding="utf-8"), "test.tsv", None),
     Case("qrels-header-only", lambda d: qrels_test(d).write_text(HEADER + "\n", encoding="utf-8"), "test.tsv", None),

@@ -181,6 +181,9 @@ def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | Non
             warn(f"{path}: {names}; {what}.")
     if not qrels:
         raise DataError(f"{path} holds no judgements of documents in the corpus.")
+    if not any(score > 0 for docs in qrels.values() for score in docs.values()):
+        raise DataError(f"{path} judges no document relevant (every score is 0 or less): there is nothing to "
+                        f"retrieve or train on.")
     return qrels
 
 
