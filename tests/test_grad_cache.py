@@ -197,4 +197,7 @@ def test_cached_steps_clip_like_the_trainer_under_a_loss_scaler(precision, tiny_
 
     plain, cached = one_step(None), one_step(2)
     assert plain.norm() == pytest.approx(1.0, rel=1e-3)  # the gradient norm exceeds 1: clipped to 1
-    assert torch.allclose(cached, plain, rtol=1e-2, atol=1e-5)
+    # one step alike, up to fp16 noise (the cached loss gradient comes from a no-grad forward, whose fp16 kernels can
+    # round otherwise; the float32 scores keep that difference, where fp16 scores used to round it away): clipping
+    # the scaled gradients instead would have made the cached step 1024 times shorter
+    assert cached.norm() == pytest.approx(1.0, rel=1e-3) and (cached - plain).norm() < 1e-2

@@ -90,7 +90,9 @@ def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[
             for _, piece in pieces:
                 tower_states.append(RandomState())
                 parts.append(embed(piece))
-            cached.append(in_batch_order(parts, pieces).requires_grad_())
+            # float32 leaves: the loss's gradient is kept in float32 (in fp16 its small entries would flush to zero
+            # before the loss scaler, which scales the re-encoded chunks' backward below, could lift them)
+            cached.append(in_batch_order(parts, pieces).float().requires_grad_())
             states.append((pieces, tower_states))
     loss = loss_fn(cached)
     grads = torch.autograd.grad(loss, cached, allow_unused=True)
@@ -100,5 +102,5 @@ def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[
         for (rows, piece), state in zip(pieces, tower_states):
             with state.replay():
                 emb = embed(piece)
-            backward((emb * grad[rows].to(emb.dtype)).sum())
+            backward((emb.float() * grad[rows]).sum())
     return loss.detach()
