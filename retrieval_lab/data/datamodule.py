@@ -98,7 +98,7 @@ class RetrievalDataModule(L.LightningDataModule):
         any epoch-start hook; so nothing may ask for it earlier (``BiEncoderModule.configure_optimizers`` counts
         the run's steps with ``batches_per_epoch``). (Assumes one optimiser step per batch.)"""
         trainer = self.trainer
-        if trainer is None or trainer.global_step == 0:
+        if trainer is None or not getattr(trainer, "global_step", 0):
             return
         batches = self.batches_per_epoch()
         epoch, done = divmod(trainer.global_step, batches) if batches else (0, 0)
