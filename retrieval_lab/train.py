@@ -61,18 +61,36 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict, resume_step: in
     return loggers
 
 
+RUN_OUTPUTS = ("metrics.json", "run_info.json", "model", "cross_encoder", "before", "after", "checkpoints", "csv")
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """A run that starts afresh in a folder holding another run's outputs (``resume=null``, or no checkpoint left)
+    moves them into ``previous/`` (``previous-2/``, ... when that is taken): nothing written before is lost, and
+    the folder never mixes the two runs' files (a report would label the old metrics with the new settings)."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    aside, n = run_dir / "previous", 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"previous-{n}"
+    aside.mkdir()
+    for name in found:
+        os.replace(run_dir / name, aside / name)
+    print(f"starting afresh: the earlier run's outputs in {run_dir} are now in {aside}")
+    return aside
+
+
 def csv_logger(run_dir: Path, resume_step: int | None = None):
     """<run dir>/csv/metrics.csv. A run resumed from a checkpoint of step N appends to it: Lightning's writer
     deletes an existing file when it starts, so the rows logged before the checkpoint are put back (those of
-    steps N and later that training will log again are left out) and the writer learns their header. A run that
-    starts afresh in a folder that has the file moves it to metrics.previous.csv."""
+    steps N and later that training will log again are left out) and the writer learns their header. (A run
+    that starts afresh found the folder emptied by ``set_aside_earlier_run``.)"""
     from lightning.pytorch.loggers import CSVLogger
 
     path = run_dir / "csv" / "metrics.csv"
-    rows = list(csv.reader(path.read_text().splitlines())) if path.is_file() else []
-    if rows and resume_step is None:
-        os.replace(path, path.with_name("metrics.previous.csv"))
-        rows = []
+    rows = list(csv.reader(path.read_text().splitlines())) if path.is_file() and resume_step is not None else []
     logger = CSVLogger(run_dir, name="csv", version="")
     writer = logger.experiment  # created here, deleting the file
     if rows:
@@ -279,6 +297,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info, **hydra_job()}  # choices: W&B columns
     first = is_first_process()
     if first:
+        if checkpoint is None:
+            set_aside_earlier_run(run_dir)
         write_json(run_dir / "run_info.json", hparams)
 
     def test_eval(name: str) -> dict:

@@ -182,10 +182,14 @@ def test_epoch_end_checkpoints_and_a_resume_with_other_settings(tiny_model, beir
     assert sorted(int(r["step"]) for r in rows) == list(range(step))  # each step's loss once
     with pytest.raises(ConfigError, match=r"other settings \(loss.temperature: 0.05 -> 0.5\)"):
         train(compose_train(args + ["trainer.max_epochs=2", "loss.temperature=0.5"]), run)
+    earlier = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     train(compose_train(args + ["trainer.max_epochs=1", "resume=null"]), run)
-    assert len(list(csv.DictReader(open(run / "csv" / "metrics.previous.csv")))) >= len(rows)
+    aside = {p.relative_to(run / "previous"): p.read_bytes() for p in (run / "previous").rglob("*") if p.is_file()}
+    assert aside == earlier  # the earlier run's files, every one, byte for byte, moved aside
+    assert {"metrics.json", "run_info.json", "checkpoints", "csv"} <= {p.name for p in (run / "previous").iterdir()}
     fresh = [r for r in csv.DictReader(open(run / "csv" / "metrics.csv")) if r.get("train/loss")]
     assert sorted(int(r["step"]) for r in fresh) == list(range(first_step))
+    assert weights(run / "checkpoints" / "last.ckpt")[0] == first_step  # the new run's own checkpoints
 
 
 def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(tmp_path):
