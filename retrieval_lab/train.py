@@ -27,7 +27,7 @@ from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
-from retrieval_lab.retrieval.runfile import write_json
+from retrieval_lab.retrieval.runfile import read_json, write_json
 from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
 
 
@@ -307,7 +307,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                   tag=name, ignore_identical_ids=cfg.eval.ignore_identical_ids)
 
     results = {}
-    if cfg.eval.before and first:
+    # a finished run's metrics.json (a rerun of its command): its untrained model's scores hold (same settings)
+    earlier = read_json(run_dir / "metrics.json") if checkpoint and (run_dir / "metrics.json").is_file() else {}
+    if cfg.eval.before and first and "before" in earlier:
+        results["before"] = earlier["before"]
+    elif cfg.eval.before and first:
         results["before"] = test_eval("before")
         print_table(results, list(cfg.eval.metrics), title=f"before training ({cfg.data.name} {cfg.eval.split})")
     loggers = build_loggers(cfg, run_dir, hparams, resume_step)
@@ -320,6 +324,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     fit = {"fit_seconds": round(time.perf_counter() - start, 1)}
     if not trainer.is_global_zero:  # DDP: the first process saves, evaluates and writes the outputs
         return {}
+    if trainer.global_step == resume_step and earlier.get("steps") == resume_step:  # nothing trained, nothing to redo
+        print(f"the run in {run_dir} had finished (step {resume_step}): its outputs are as they were (a larger "
+              f"trainer.max_steps or max_epochs continues it, resume=null starts it afresh)")
+        return {stage: earlier[stage] for stage in ("before", "after") if stage in earlier}
     if torch.cuda.is_available():
         fit["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if cfg.save_model:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,31 @@ def test_a_step_validation_at_an_epoch_end_is_not_repeated(tiny_model, beir_fold
     train(cfg, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     assert [int(row["step"]) for row in rows if row.get("val/ndcg@10")] == [3, 7]
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_continuing_it_keeps_its_before_scores(tiny_model, beir_folder,
+                                                                                         tmp_path):
+    """The command of a finished run, rerun in its folder, trains nothing and rewrites nothing (metrics.json, the run
+    files, the CSV log stay as they were); rerun with one more epoch, it continues and reuses the untrained model's
+    test scores instead of evaluating it again."""
+    from test_combinations import compose_train
+
+    from retrieval_lab.train import train
+
+    args = ["data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}", "batch_size=8",
+            "logger=csv", "save_model=false", "trainer.enable_progress_bar=false", "eval.batch_size=16",
+            "validation.enabled=false", "trainer.log_every_n_steps=1"]
+    first = train(compose_train(args + ["trainer.max_epochs=1"]), tmp_path)
+
+    def files():  # each file's bytes, and for the outputs when they were written
+        outputs = ("metrics.json", "before/run.trec", "after/run.trec", "checkpoints/last.ckpt")
+        return {p.relative_to(tmp_path): (p.read_bytes(), str(p.relative_to(tmp_path)) in outputs and p.stat().st_mtime_ns)
+                for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    assert train(compose_train(args + ["trainer.max_epochs=1"]), tmp_path) == first
+    assert files() == before
+    continued = train(compose_train(args + ["trainer.max_epochs=2"]), tmp_path)
+    assert continued["before"] == first["before"] and files()[Path("before/run.trec")] == before[Path("before/run.trec")]
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2 * json.loads(
+        before[Path("metrics.json")][0])["steps"]
