@@ -177,6 +177,10 @@ def check_train_config(cfg: DictConfig) -> None:
         if needs_teacher and module != "RocketQAModule" and cfg.negatives.get("refresh"):
             raise ConfigError(f"negatives=ance cannot be used with {why}: its re-mined negatives carry no teacher "
                               "score (use negatives=bm25, tas or tasb with a scored file).")
+    if cfg.data.get("dev_split"):
+        require(cfg, "data.dev_split", cfg.data.dev_split not in (cfg.data.train_split, cfg.eval.split),
+                "is also the training or the test split: validation would measure what training sees or tunes on "
+                "the test queries.")
     if cfg.data.get("dev_split") is None and cfg.validation.enabled:
         require(cfg, "data.dev_fraction", 0 < cfg.data.dev_fraction < 1,
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")

@@ -30,6 +30,10 @@ def mine(cfg: DictConfig) -> Path:
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")
+    if cfg.denoise.cross_encoder:  # before the mining, which takes a while
+        from retrieval_lab.models.encoder import resolve_model_path
+
+        resolve_model_path(cfg.denoise.cross_encoder)
     dataset = BeirDataset(cfg.data.path)
     split = dataset.subset(dataset.qrels(cfg.split, reachable_only=True))  # positives are written out with the text
     run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ def find_runs(folder: Path) -> list[tuple[Path, dict[str, str], dict]]:
 
     for metrics_file in sorted(folder.rglob("metrics.json"), key=natural):
         run = metrics_file.parent
-        if "report" in run.relative_to(folder).parts:
+        parts = run.relative_to(folder).parts  # a report's folder, and a restarted run's earlier outputs, are no runs
+        if "report" in parts or any(re.fullmatch(r"previous(-\d+)?", part) for part in parts):
             continue
         overrides_file = run / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []

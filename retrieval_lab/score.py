@@ -18,21 +18,23 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import read_negatives, write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.negatives import score_negatives
+from retrieval_lab.models.encoder import resolve_model_path
 from retrieval_lab.retrieval.encoding import pick_device
 
 
 def score(cfg: DictConfig) -> Path:
     if Path(cfg.output).resolve() == Path(cfg.input).resolve():
         raise ConfigError(f"output={cfg.output} would overwrite the input file: choose another output path.")
-    dataset = BeirDataset(cfg.data.path)
-    split = cfg.get("split")
-    records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
-    if OmegaConf.is_missing(cfg.model, "name_or_path"):
+    if OmegaConf.is_missing(cfg.model, "name_or_path"):  # the teacher is checked first: reading the data takes a while
         raise ConfigError("config key model.name_or_path must be set: the teacher, a trained cross-encoder folder "
                           "(module=cross_encoder's <run dir>/model).")
     if cfg.model.name_or_path == "packaged:minilm":
         raise ConfigError("model.name_or_path=packaged:minilm is a bi-encoder, not a cross-encoder: its classifier "
                           "head would score at random; give a trained cross-encoder folder.")
+    resolve_model_path(cfg.model.name_or_path)
+    dataset = BeirDataset(cfg.data.path)
+    split = cfg.get("split")
+    records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
     teacher = instantiate(cfg.model)
     device = pick_device(cfg.device)
     teacher.to(device)

@@ -342,7 +342,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         logger.finalize("success")
         if type(logger).__name__ == "WandbLogger":  # end the W&B run: the next job of a sweep process starts its own
             logger.experiment.finish()
-    write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split, **results,
+    write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.eval.split,
+                                          "corpus_sample": cfg.eval.get("corpus_sample"), **results,
                                           "steps": trainer.global_step, **fit, **commit})
     if results:
         print_table(results, list(cfg.eval.metrics), title=f"{cfg.data.name} {cfg.eval.split}")

@@ -68,6 +68,8 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("eval.corpus_sample=-5", "eval.corpus_sample=-5 must be a number of documents"),
     ("validation.corpus_sample=0", "validation.corpus_sample=0 must be a number of documents"),
     ("eval.k=0", "eval.k=0 must be at least 1"),
+    ("data.dev_split=train", "data.dev_split=train is also the training or the test split"),
+    ("data.dev_split=test", "data.dev_split=test is also the training or the test split"),
     ("eval.k=5", "eval.k=5 retrieves fewer documents than ndcg@10 looks at"),
     ("eval.k=50", "eval.k=50 retrieves fewer documents than recall@100 looks at"),
 ])

@@ -237,6 +237,7 @@ CASES = [
     Case("qrels-space-separated", lambda d: replace_line(qrels_test(d), 4, "q3 d5 1"), "test.tsv", 4),
     Case("qrels-non-numeric-score", lambda d: replace_line(qrels_test(d), 3, "q3\td4\thigh"), "test.tsv", 3),
     Case("qrels-empty-score", lambda d: replace_line(qrels_test(d), 4, "q3\td5\t"), "test.tsv", 4),
+    Case("qrels-fractional-score", lambda d: replace_line(qrels_test(d), 3, "q3\td4\t1.5"), "test.tsv", 3),
     Case("qrels-infinite-score", lambda d: replace_line(qrels_test(d), 3, "q3\td4\tinf"), "test.tsv", 3),
     Case("qrels-no-known-query-id", lambda d: qrels_test(d).write_text(f"{HEADER}\nQ2\td3\t1\nQ3\td4\t1\n"),
          "test.tsv", 2),

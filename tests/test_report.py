@@ -56,7 +56,10 @@ def sweep(beir_folder, tmp_path):
 
 
 def test_report_table_matches_hand_computation(sweep):
+    """(A run restarted afresh keeps its earlier outputs in previous/: no run of its own.)"""
     folder, per_query = sweep
+    (folder / "0" / "previous").mkdir()
+    (folder / "0" / "previous" / "metrics.json").write_text(json.dumps({"after": {"ndcg@10": 0.0, "recall@100": 0.0}}))
     out = report(folder, ["ndcg@10", "recall@100"], baseline="loss=infonce")
     rows = {r["loss"]: r for r in csv.DictReader(open(out / "report.csv"))}
     assert set(rows) == {"infonce", "samtone", "margin"} and rows["infonce"]["runs"] == "2"

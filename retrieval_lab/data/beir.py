@@ -149,9 +149,13 @@ def load_qrels(path: str | Path, corpus: dict | None = None, queries: dict | Non
             raise DataError(f"{path} line {lineno} has {len(fields)} tab-separated fields, expected 3.")
         qid, doc_id, score_text = (f.strip() for f in fields)
         try:
-            score = int(float(score_text))
+            value = float(score_text)
+            score = int(value)
         except (ValueError, OverflowError):
             raise DataError(f"{path} line {lineno}: score {score_text!r} is not a finite number.") from None
+        if score != value:
+            raise DataError(f"{path} line {lineno}: score {score_text!r} is not a whole number (relevance grades are "
+                            f"integers, as trec_eval reads them).")
         if doc_id in seen.get(qid, ()):
             raise DataError(f"{path} line {lineno} judges the pair ('{qid}', '{doc_id}') a second time.")
         seen.setdefault(qid, set()).add(doc_id)
