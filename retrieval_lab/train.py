@@ -53,9 +53,12 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict, resume_step: in
         loggers.append(csv_logger(run_dir, resume_step))
     if cfg.logger.wandb.enabled and cfg.logger.wandb.mode != "disabled":
         wb, sweep = cfg.logger.wandb, hydra_job()
+        import wandb
+
         loggers.append(WandbLogger(project=wb.project, entity=wb.entity, group=wb.group or sweep.get("sweep"),
                                    tags=list(wb.tags), save_dir=str(run_dir), offline=wb.mode == "offline",
-                                   name=sweep.get("overrides") or run_dir.name))
+                                   name=sweep.get("overrides") or run_dir.name,
+                                   settings=wandb.Settings(quiet=True)))  # no run summary: the table follows
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return loggers
@@ -351,8 +354,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
+def quiet_library_notices() -> None:
+    """Leave out of a run's output what does not concern it: Lightning's advertisement for its logging service and a
+    deprecation inside Lightning itself."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    quiet_library_notices()
     with exit_on_user_error():
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
 

@@ -161,6 +161,18 @@ def test_a_saved_encoder_loads_back_as_it_was_trained(tiny_model, tmp_path, sett
         assert torch.allclose(q, q_expected, atol=1e-6) and torch.allclose(d, d_expected, atol=1e-6)
 
 
+def test_a_saved_encoder_loads_without_a_report_of_missing_weights(tiny_model, tmp_path, capfd, caplog):
+    """The pooler is dropped (mean or CLS pooling of the last hidden state), so a saved folder has none: loading it
+    must not report a "newly initialised" pooler, which reads as a broken model."""
+    saved_encoder(tiny_model, tmp_path / "m")
+    capfd.readouterr()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        Encoder(str(tmp_path / "m"))
+    out = "".join(capfd.readouterr()) + caplog.text
+    assert "MISSING" not in out and "newly initialized" not in out, out
+
+
 def test_a_conflicting_architecture_argument_is_ignored_with_a_warning(tiny_model, tmp_path):
     original = saved_encoder(tiny_model, tmp_path / "m", pooling="cls", projection_dim=16)
     with pytest.warns(UserWarning, match=r"model.projection_dim=32 is ignored: .*retrieval_lab.json says "

@@ -71,13 +71,37 @@ def load_tokenizer(name_or_path: str):
     return _from_pretrained(AutoTokenizer, name_or_path, "the tokenizer of model")
 
 
+def _lacks_pooler(path: str) -> bool:
+    """True for a local safetensors folder with no pooler weights (the folders ``Encoder.save`` writes)."""
+    import json
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        keys = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+            keys = list(weights.keys())
+    else:
+        return False
+    return not any(key.split(".")[0] == "pooler" or ".pooler." in key for key in keys)
+
+
 def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Module:
     """The pretrained model, or with ``random_init`` a randomly initialised one of the same architecture whose
     config fields (e.g. num_hidden_layers, hidden_size) are overridden by ``random_init``."""
     from transformers import AutoConfig, AutoModel
 
     if random_init is None:
-        model = _from_pretrained(AutoModel, name_or_path, "model")
+        # a folder we saved has no pooler (dropped below): loading it without one spares a "newly initialised
+        # pooler" report that would look like a broken model
+        no_pooler = {"add_pooling_layer": False} if _lacks_pooler(resolve_model_path(name_or_path)) else {}
+        try:
+            model = _from_pretrained(AutoModel, name_or_path, "model", **no_pooler)
+        except TypeError:  # an architecture without that argument
+            model = _from_pretrained(AutoModel, name_or_path, "model")
     else:
         config = _from_pretrained(AutoConfig, name_or_path, "the config of model")
         for key, value in dict(random_init).items():

@@ -1,6 +1,7 @@
 """BM25 baseline through bm25s (English Snowball stemmer and stop words, title + text)."""
 from __future__ import annotations
 
+import logging
 import os
 
 from retrieval_lab.data.beir import Document
@@ -24,6 +25,7 @@ class BM25Retriever:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.INFO)  # it sets DEBUG for itself: one line per index built
         doc_ids = list(corpus)
         stemmer = self._stemmer()
         corpus_tokens = bm25s.tokenize([corpus[d].full_text for d in doc_ids], stopwords=self.stopwords,

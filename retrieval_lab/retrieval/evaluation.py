@@ -36,10 +36,13 @@ def print_table(rows: dict[str, dict[str, float]], metrics, title: str | None = 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table()
     table.add_column("")
     for metric in metrics:
         table.add_column(metric, justify="right")
     for name, scores in rows.items():
         table.add_row(name, *(f"{scores[m]:.4f}" if m in scores else "-" for m in metrics))
-    Console().print(table)
+    console = Console()
+    if title:  # a line of its own: a title longer than the table (a data set's path) would wrap inside it
+        console.print(title, highlight=False)
+    console.print(table)
