@@ -186,6 +186,18 @@ def check_train_config(cfg: DictConfig) -> None:
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")
 
 
+def quiet_library_notices() -> None:
+    """Leave out of an entry point's output what does not concern its user: Lightning's advertisement for its logging
+    service, a deprecation inside Lightning and a cast warning inside ranx's compiled metrics."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
+
+
 def git_commit() -> dict:
     """The commit of the code that ran, and whether the work tree had uncommitted changes."""
     root = Path(__file__).resolve().parent.parent

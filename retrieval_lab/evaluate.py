@@ -67,6 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    config.quiet_library_notices()
     with exit_on_user_error():
         evaluate(cfg)
 

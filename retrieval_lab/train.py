@@ -354,20 +354,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def quiet_library_notices() -> None:
-    """Leave out of a run's output what does not concern it: Lightning's advertisement for its logging service and a
-    deprecation inside Lightning itself."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    quiet_library_notices()
+    config.quiet_library_notices()
     with exit_on_user_error():
         train(cfg, Path(HydraConfig.get().runtime.output_dir))
 
