@@ -117,9 +117,12 @@ def cases(folder: Path, work: Path):
     yield ("mine: broken train qrels, an earlier negatives file at the output path",
            edit(folder / "qrels" / "train.tsv", "query-id\tcorpus-id\tscore\nq0\td0\n"),
            lambda: mine(compose_named("mine", [f"data.path={folder}", f"output={out}"])), out)
+    teacher = work / "teacher"  # a model folder (config.json): score checks the teacher before the negatives file
     yield ("score: negatives file with an unknown id, an earlier scores file at the output path",
-           edit(neg, json.dumps({"qid": "q0", "neg": ["d99"]}) + "\n"),
-           lambda: score(compose_named("score", [f"data.path={folder}", f"input={neg}", f"output={out}"])), out)
+           lambda: (edit(neg, json.dumps({"qid": "q0", "neg": ["d99"]}) + "\n")(), teacher.mkdir(),
+                    (teacher / "config.json").write_text("{}")),
+           lambda: score(compose_named("score", [f"data.path={folder}", f"input={neg}", f"output={out}",
+                                                 f"model.name_or_path={teacher}"])), out)
     earlier = sweep / "report" / "report.md"
     yield ("report: a run's metrics.json broken, an earlier report in place",
            lambda: ((sweep / "0").mkdir(parents=True), (sweep / "0" / "metrics.json").write_text("{")),
