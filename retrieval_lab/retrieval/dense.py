@@ -34,21 +34,25 @@ class TorchIndex:
 INDEXES = ("flat", "hnsw", "torch")
 
 
+def check_index(index: str) -> str:
+    if index not in INDEXES:
+        raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
+    return index
+
+
 def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch.device | None = None):
     """``flat``: exact inner product (faiss); ``hnsw``: approximate (faiss HNSW graph, 32 links) for large corpora;
     ``torch``: exact inner product with torch on ``device`` (the GPU, when the encoder is there)."""
-    if index == "torch":
+    if check_index(index) == "torch":
         return TorchIndex(embeddings, device)
     import faiss
 
     dim = embeddings.shape[1]
     if index == "flat":
         faiss_index = faiss.IndexFlatIP(dim)
-    elif index == "hnsw":
+    else:
         faiss_index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
         faiss_index.hnsw.efSearch = 256
-    else:
-        raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
     faiss_index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
     return faiss_index
 
@@ -110,9 +114,8 @@ class DenseRetriever:
     def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
                  compile: bool | str = False, group=None, tokenize_processes: int | str = "auto"):
-        if index not in INDEXES:  # before the corpus is encoded
-            raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
-        self.encoder, self.batch_size, self.index, self.progress = encoder, batch_size, index, progress
+        self.encoder, self.batch_size, self.progress = encoder, batch_size, progress
+        self.index = check_index(index)  # now, not after the corpus is encoded
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         self.group, self.tokenize_processes = group, tokenize_processes
         device = pick_device(device)
