@@ -6,6 +6,7 @@ import csv
 import json
 import signal
 
+import lightning as L
 import pytest
 import torch
 
@@ -224,7 +225,7 @@ class EpochTagged(torch.utils.data.Dataset):
         return index, self.epoch
 
 
-class RecordBatches(__import__("lightning").LightningModule):
+class RecordBatches(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), []
@@ -243,8 +244,6 @@ def test_a_resume_goes_on_with_the_epochs_order_with_loader_workers(workers, tas
     """3 epochs of 5 batches. Resumed from a checkpoint mid-epoch 0, at the end of epoch 0 and mid-epoch 1, the run
     trains on the batches the uninterrupted run trained on from there, its dataset at the same epoch, with or
     without DataLoader workers (they start, drawing the order and copying the dataset, before any epoch hook)."""
-    import lightning as L
-
     from retrieval_lab.callbacks import ExactResume
     from retrieval_lab.data.datamodule import RetrievalDataModule
     from retrieval_lab.data.sampling import ClusterBatchSampler
@@ -272,8 +271,6 @@ def test_a_resume_goes_on_with_the_epochs_order_with_loader_workers(workers, tas
 def test_the_schedule_counts_the_runs_steps_without_building_the_loader(max_epochs, max_steps):
     """BiEncoderModule.total_steps gives Lightning's estimated_stepping_batches, without building the training
     loader (which, before a checkpoint is restored, would start its workers at the wrong place)."""
-    import lightning as L
-
     from retrieval_lab.data.datamodule import RetrievalDataModule
     from retrieval_lab.models.biencoder import BiEncoderModule
 
