@@ -188,6 +188,10 @@ def check_train_config(cfg: DictConfig) -> None:
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")
 
 
+def _not_litlogger_tip(record) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
 def quiet_library_notices() -> None:
     """Leave out of an entry point's output what does not concern its user: Lightning's advertisement for its logging
     service, a deprecation inside Lightning and a cast warning inside ranx's compiled metrics."""
@@ -197,7 +201,8 @@ def quiet_library_notices() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
     for handler in logging.getLogger("lightning.pytorch").handlers:
-        handler.addFilter(lambda record: "litlogger" not in record.getMessage())
+        if _not_litlogger_tip not in handler.filters:  # once, though every job of a sweep calls this
+            handler.addFilter(_not_litlogger_tip)
 
 
 def git_commit() -> dict:
