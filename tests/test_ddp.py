@@ -37,6 +37,24 @@ def test_moco_gathers_keys_from_all_processes(tiny_model, beir_folder, tmp_path)
     assert not torch.allclose(first_step[:4], first_step[4:])  # the two processes' keys differ
 
 
+def test_tas_batches_follow_the_first_processs_clusters(tiny_model, beir_folder, tmp_path):
+    """Each process clusters the queries before the process group exists; when their clusters differ (here two
+    different partitions), every process takes process 0's, so the processes' batches are the one sequence of
+    batches that a single process draws from process 0's clusters, shared out in turn, none drawn twice."""
+    from retrieval_lab.data.pairs import SupervisedPairs
+    from retrieval_lab.data.sampling import ClusterBatchSampler
+
+    run_script("ddp_tas_script.py", tiny_model, beir_folder, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[1]["clusters"] == ranks[0]["clusters"] == ranks[0]["first"]
+    dataset = BeirDataset(beir_folder)
+    pairs = SupervisedPairs(dataset, dataset.qrels("train"))
+    single = [[pairs.qids[i] for i in batch]
+              for batch in ClusterBatchSampler(pairs, ranks[0]["first"], batch_size=4, clusters_per_batch=2, seed=5)]
+    assert len(single) >= 8
+    assert [ranks[number % 2]["qids"][number // 2] for number in range(8)] == single[:8]
+
+
 @pytest.mark.parametrize("chunk,towers", [(0, "shared"), (2, "shared"), (2, "separate")])
 def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, tiny_model, beir_folder, bm25_negatives,
                                                            tmp_path):

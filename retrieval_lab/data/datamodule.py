@@ -80,6 +80,11 @@ class RetrievalDataModule(L.LightningDataModule):
         self.sampler = EpochSampler(train_set, seed)
         self.batch_sampler = batch_sampler
 
+    def setup(self, stage: str) -> None:
+        """Lightning calls this in every process once the process group exists."""
+        if self.batch_sampler is not None and hasattr(self.batch_sampler, "agree_with_first_process"):
+            self.batch_sampler.agree_with_first_process()
+
     def skip_batches(self, count: int) -> None:
         """Leave out the first ``count`` batches of the next epoch (they were trained on before a resume)."""
         if self.batch_sampler is not None:

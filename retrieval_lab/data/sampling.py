@@ -95,16 +95,40 @@ class ClusterBatchSampler(Sampler[list[int]]):
         self.skip = 0  # batches of the next epoch to leave out once (resuming mid-epoch)
         self.clusters = np.asarray(clusters)
         self.batch_size, self.per_batch, self.seed = batch_size, clusters_per_batch, seed
+        self.use_clusters(clusters)
+
+    def use_clusters(self, clusters: Sequence[int]) -> None:
+        self.clusters = np.asarray(clusters)
         members: dict[int, list[int]] = {}
         for index, cluster in enumerate(self.clusters.tolist()):
             members.setdefault(cluster, []).append(index)
         self.members = members
-        if clusters_per_batch > len(members):
-            raise ConfigError(f"negatives.clusters_per_batch={clusters_per_batch} exceeds the {len(members)} "
+        if self.per_batch > len(members):
+            raise ConfigError(f"negatives.clusters_per_batch={self.per_batch} exceeds the {len(members)} "
                               f"query clusters.")
-        if any(len(m) < share_of(batch_size, clusters_per_batch) for m in members.values()):
-            raise ConfigError(f"a query cluster has fewer than the {share_of(batch_size, clusters_per_batch)} members "
-                              f"a batch takes from it; cluster with min_size set (see cluster_embeddings).")
+        if any(len(m) < share_of(self.batch_size, self.per_batch) for m in members.values()):
+            raise ConfigError(f"a query cluster has fewer than the {share_of(self.batch_size, self.per_batch)} "
+                              f"members a batch takes from it; cluster with min_size set (see cluster_embeddings).")
+
+    def agree_with_first_process(self) -> int:
+        """Under torch.distributed, take process 0's clusters; returns how many queries this process had put in
+        another cluster. Every process clusters its own encodings before the process group exists, and the
+        batches are only shared out right if all draw the same sequence: encodings that differ in their last bits
+        (another GPU, another kernel) can move a query, and k-means amplifies it."""
+        import torch.distributed as dist
+
+        rank, world = distributed_rank_world()
+        if world == 1:
+            return 0
+        box = [self.clusters.tolist() if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        first = np.asarray(box[0])
+        moved = len(first) if len(first) != len(self.clusters) else int((first != self.clusters).sum())
+        if moved:
+            print(f"TAS: process {rank} had {moved} of {len(first)} training queries in other clusters than "
+                  f"process 0; every process uses process 0's clusters.")
+            self.use_clusters(first)
+        return moved
 
     def __len__(self) -> int:
         return len(self.clusters) // self.batch_size // distributed_rank_world()[1]  # this process's batches
