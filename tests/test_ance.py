@@ -52,7 +52,7 @@ class SlowVersions(AnceRefresh):
         return table
 
 
-def test_training_never_sees_a_half_built_table(tiny_model, beir_folder):
+def test_training_never_sees_a_half_built_table(tiny_model, beir_folder, capsys):
     data = BeirDataset(beir_folder)
     train_set = pairs_with(data, ["d58", "d59"])
     seen_versions = []
@@ -72,6 +72,8 @@ def test_training_never_sees_a_half_built_table(tiny_model, beir_folder):
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[refresh])
     trainer.fit(BiEncoderModule(encoder, InfoNCELoss()), datamodule=data_module)
     assert len(refresh.history) >= 2, "refreshes were swapped in during training"
+    out = capsys.readouterr()
+    assert "ANCE" not in out.err and "no refresh was swapped in" not in out.out
     assert threading.active_count() < 10
     legal = {frozenset({"d58", "d59"})} | {frozenset({f"d{40 + 2 * k}", f"d{41 + 2 * k}"}) for k in range(10)}
     assert set(seen_versions) <= legal  # every example drew from exactly one complete table
@@ -155,3 +157,19 @@ def test_every_refresh_after_the_first_reuses_the_tokenised_corpus(tiny_model, b
     assert len(refresh.history) == 3  # three refreshes, each encoding the corpus and the training queries
     assert TOKEN_CACHE.misses - misses == 2
     assert sum(entry[0] is encoder.tokenizer for entry in TOKEN_CACHE.entries.values()) == 2
+
+
+def test_a_run_that_ends_before_its_first_refresh_says_so(tiny_model, beir_folder, capsys):
+    """Warned at the start (the run's 2 steps are fewer than the 5 before the first refresh) and told at the end."""
+    data = BeirDataset(beir_folder)
+    train_set = pairs_with(data, ["d58", "d59"])
+    encoder = Encoder(str(tiny_model))
+    refresh = AnceRefresh(train_set, every_n_steps=5, depth=20, n_neg=2, background=False)
+    data_module = RetrievalDataModule(train_set, GroupCollator(encoder.tokenizer, 16, 16), batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[refresh])
+    trainer.fit(BiEncoderModule(encoder, InfoNCELoss()), datamodule=data_module)
+    out = capsys.readouterr()
+    assert "warning: ANCE: the run has 2 steps and its first refresh begins after step 5" in out.err
+    assert "no refresh was swapped in during the run's 2 steps" in out.out
+    assert refresh.history == []

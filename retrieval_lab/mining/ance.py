@@ -27,6 +27,7 @@ import warnings
 import lightning as L
 import torch.distributed as dist
 
+from retrieval_lab.errors import warn
 from retrieval_lab.mining.negatives import mine_negatives
 from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world, fail_together
 
@@ -77,6 +78,13 @@ class AnceRefresh(L.Callback):
         if trainer.world_size > 1 and dist.is_initialized() and self.group is None:
             self.group = dist.new_group(backend="gloo")  # every process creates it, in the same order
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = pl_module.total_steps() if hasattr(pl_module, "total_steps") else None
+        if trainer.is_global_zero and total is not None and trainer.global_step < total <= self.every_n_steps:
+            warn(f"ANCE: the run has {total} steps and its first refresh begins after step {self.every_n_steps}, so "
+                 f"it trains on the starting negatives only (set negatives.refresh.every_n_steps below {total} to "
+                 f"refresh).")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.swap_if_ready(trainer, pl_module)
         step = trainer.global_step
@@ -99,6 +107,9 @@ class AnceRefresh(L.Callback):
         if error is not None:  # the last refresh, whose table training would not have used anyway
             warnings.warn(f"the ANCE refresh begun at step {self._ready['step']} failed after training ended: "
                           f"{type(error).__name__}: {error}")
+        elif not self.history and trainer.is_global_zero:
+            print(f"ANCE: no refresh was swapped in during the run's {trainer.global_step} steps; it trained on the "
+                  f"starting negatives only.")
 
     # -- checkpoints: a resumed run trains on the table that was in use; a refresh still running is lost, and
     # the next one begins at the next multiple of every_n_steps --
