@@ -194,12 +194,14 @@ def _not_litlogger_tip(record) -> bool:
 
 def quiet_library_notices() -> None:
     """Leave out of an entry point's output what does not concern its user: Lightning's advertisement for its logging
-    service, a deprecation inside Lightning and a cast warning inside ranx's compiled metrics."""
+    service, a deprecation inside Lightning, a cast warning inside ranx's compiled metrics, and Lightning's advice for
+    a run shorter than its logging interval (``BiEncoderModule.on_train_start`` logs such a run's last step)."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message="unsafe cast from uint64 to int64")
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
     for handler in logging.getLogger("lightning.pytorch").handlers:
         if _not_litlogger_tip not in handler.filters:  # once, though every job of a sweep calls this
             handler.addFilter(_not_litlogger_tip)

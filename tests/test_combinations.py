@@ -76,3 +76,18 @@ def test_missing_negatives_file_is_one_sentence(beir_folder, tmp_path):
                         "logger=csv", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: negatives file {beir_folder}/negatives/bm25-train.jsonl not found")
+
+
+def test_a_run_shorter_than_the_logging_interval_logs_its_loss(tiny_model, beir_folder, tmp_path):
+    """2 steps with trainer.log_every_n_steps=50: the loss of the last step is logged, and Lightning's advice to
+    lower the interval (which no longer applies) is not printed."""
+    import csv
+
+    overrides = [o for o in FAST if "log_every_n_steps" not in o and "queue_size" not in o]
+    result = run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}",
+                        f"model.name_or_path={tiny_model}", *overrides, "trainer.log_every_n_steps=50",
+                        f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging interval" not in result.stderr
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1]  # Lightning's step of the second batch

@@ -135,6 +135,12 @@ class BiEncoderModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["qids"]))
         return loss
 
+    def on_train_start(self) -> None:
+        """A run shorter than ``trainer.log_every_n_steps`` would log no training loss at all: it logs at its last
+        step then."""
+        if self.trainer.log_every_n_steps > (total := self.total_steps()) > 0:
+            self.trainer.log_every_n_steps = total
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Gradient caching clips here: Lightning calls this after unscaling the gradients of a 16-mixed loss scaler
         (clipping in ``training_step`` would clip gradients still multiplied by the loss scale)."""
