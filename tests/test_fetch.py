@@ -51,6 +51,21 @@ def test_force_replaces_the_data_set_and_keeps_negatives(beir_folder, tmp_path):
     assert not list((tmp_path / "data").glob(".toy.*"))
 
 
+def test_fetching_over_a_different_copy_is_refused_and_changes_nothing(beir_folder, tmp_path, capsys):
+    target, _ = _fetched_with_negatives(beir_folder, tmp_path)  # its corpus differs from the source's
+    corpus = (target / "corpus.jsonl").read_bytes()
+    with pytest.raises(DataError, match=r"already holds a copy of toy whose corpus.jsonl differs from .*--force"):
+        fetch_module.fetch("toy", tmp_path / "data", source=beir_folder)
+    assert (target / "corpus.jsonl").read_bytes() == corpus
+    (target / "corpus.jsonl").write_bytes((beir_folder / "corpus.jsonl").read_bytes())  # now the same data set
+    capsys.readouterr()
+    assert fetch_module.fetch("toy", tmp_path / "data", source=beir_folder) == target
+    assert f"already present, the same as {beir_folder}" in capsys.readouterr().out
+    (target / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n")  # a split the source lacks
+    with pytest.raises(DataError, match="whose qrels/dev.tsv differs"):
+        fetch_module.fetch("toy", tmp_path / "data", source=beir_folder)
+
+
 @pytest.mark.parametrize("failing", ["copy", "swap"])
 def test_force_that_fails_midway_loses_nothing(beir_folder, tmp_path, monkeypatch, failing):
     target, written = _fetched_with_negatives(beir_folder, tmp_path)

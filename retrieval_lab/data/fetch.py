@@ -1,6 +1,7 @@
 """Put a BEIR data set in place: download it from its public address, or copy a local folder when offline."""
 from __future__ import annotations
 
+import filecmp
 import shutil
 import tempfile
 import urllib.request
@@ -22,6 +23,19 @@ def validate(folder: Path) -> str:
         raise DataError(f"{folder}/qrels holds no <split>.tsv file.")
     sizes = ", ".join(f"{s}: {len(data.qrels(s))} queries" for s in splits)
     return f"{folder}: {len(data.corpus)} documents, {len(data.queries)} queries ({sizes})"
+
+
+def first_difference(folder: Path, source: Path) -> str | None:
+    """The first data set file (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) in which two BEIR folders differ."""
+    def files(root: Path) -> set[str]:
+        names = {n for n in DATA_SET_FILES[:2] if (root / n).is_file()}
+        return names | {f"qrels/{p.name}" for p in (root / "qrels").glob("*.tsv")}
+
+    ours, theirs = files(folder), files(source)
+    for name in sorted(ours | theirs):
+        if name not in ours or name not in theirs or not filecmp.cmp(folder / name, source / name, shallow=False):
+            return name
+    return None
 
 
 def _download(name: str, workdir: Path) -> Path:
@@ -56,8 +70,12 @@ def fetch(name: str, dest: str | Path = "data", source: str | Path | None = None
     """
     target = Path(dest) / name
     if target.exists() and not force:
+        if source is not None and (differs := first_difference(target, Path(source))):
+            raise DataError(f"{target} already holds a copy of {name} whose {differs} differs from {source}'s; "
+                            f"nothing was changed (--force replaces its data set files and keeps the rest).")
         print(validate(target))
-        print(f"{target} already present (use --force to replace it).")
+        same = f", the same as {source}" if source is not None else ""
+        print(f"{target} already present{same} (use --force to replace it).")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
