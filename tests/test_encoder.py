@@ -65,6 +65,48 @@ def test_missing_model_path_is_one_clear_error(name, match):
         resolve_model_path(name)
 
 
+def test_an_unreachable_hub_loads_a_cached_model_and_names_a_missing_one(tiny_model, tmp_path):
+    """With the hub unreachable (its address a closed local port), a hub id in the Hugging Face cache loads from the
+    cache, and one that is not there is one sentence naming the hub, without the hub library's retries (it tries
+    one address only once: about half a minute before). Run in a fresh process: the cache and the hub's address
+    are read when the hub library is imported."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_model, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "HF_HUB_OFFLINE"}
+    env.update(HF_HUB_CACHE=str(tmp_path / "cache"), HF_ENDPOINT=f"http://127.0.0.1:{port}", PYTHONPATH=str(ROOT))
+    code = """
+import sys
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.encoder import Encoder, unreachable_hub
+print(unreachable_hub())
+encoder = Encoder("org/tiny")
+print(encoder.encode_docs(encoder.tokenize(["a cell"], "doc")).shape)
+try:
+    Encoder("org/missing")
+except ConfigError as err:
+    print(err)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"http://127.0.0.1:{port}"
+    assert lines[1].startswith("torch.Size([1, ")
+    assert lines[2] == (f"could not load model 'org/missing': no such local folder, it is not in the Hugging Face "
+                        f"cache, and the hub (http://127.0.0.1:{port}) cannot be reached.")
+    assert "Retrying" not in result.stderr
+
+
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no config.json"):
         resolve_model_path(str(tmp_path))

