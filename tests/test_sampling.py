@@ -40,6 +40,17 @@ def test_every_batch_draws_from_the_configured_number_of_clusters(per_batch):
     assert list(sampler) == batches  # and the same seed and epoch give the same batches
 
 
+def test_taking_the_first_processs_clusters_counts_the_queries_moved_and_draws_its_batches(capsys):
+    first = np.arange(60) % 3
+    own = first.copy()
+    own[[4, 7]] = 2  # two queries in another cluster here (moved from 1 and 1)
+    sampler = ClusterBatchSampler(Dummy(60), own, batch_size=6, clusters_per_batch=2, seed=3)
+    assert sampler.take_first_process_clusters(first.tolist()) == 2
+    assert "process 0 had 2 of 60 training queries in other clusters than process 0" in capsys.readouterr().out
+    assert list(sampler) == list(ClusterBatchSampler(Dummy(60), first, batch_size=6, clusters_per_batch=2, seed=3))
+    assert sampler.take_first_process_clusters(first.tolist()) == 0 and capsys.readouterr().out == ""
+
+
 def test_clusters_below_one_share_are_merged_into_their_neighbours():
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 8))

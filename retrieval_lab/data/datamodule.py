@@ -81,9 +81,11 @@ class RetrievalDataModule(L.LightningDataModule):
         self.batch_sampler = batch_sampler
 
     def setup(self, stage: str) -> None:
-        """Lightning calls this in every process once the process group exists."""
-        if self.batch_sampler is not None and hasattr(self.batch_sampler, "agree_with_first_process"):
-            self.batch_sampler.agree_with_first_process()
+        """Lightning calls this in every process once the process group exists: TAS batches follow process 0's
+        clusters (see ``ClusterBatchSampler.take_first_process_clusters``)."""
+        sampler, trainer = self.batch_sampler, self.trainer
+        if hasattr(sampler, "take_first_process_clusters") and trainer is not None and trainer.world_size > 1:
+            sampler.take_first_process_clusters(trainer.strategy.broadcast(sampler.clusters.tolist(), src=0))
 
     def skip_batches(self, count: int) -> None:
         """Leave out the first ``count`` batches of the next epoch (they were trained on before a resume)."""

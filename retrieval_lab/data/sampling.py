@@ -110,23 +110,16 @@ class ClusterBatchSampler(Sampler[list[int]]):
             raise ConfigError(f"a query cluster has fewer than the {share_of(self.batch_size, self.per_batch)} "
                               f"members a batch takes from it; cluster with min_size set (see cluster_embeddings).")
 
-    def agree_with_first_process(self) -> int:
-        """Under torch.distributed, take process 0's clusters; returns how many queries this process had put in
-        another cluster. Every process clusters its own encodings before the process group exists, and the
+    def take_first_process_clusters(self, first: Sequence[int]) -> int:
+        """Under torch.distributed, use process 0's clusters (``first``); returns how many queries this process had
+        put in another cluster. Every process clusters its own encodings before the process group exists, and the
         batches are only shared out right if all draw the same sequence: encodings that differ in their last bits
         (another GPU, another kernel) can move a query, and k-means amplifies it."""
-        import torch.distributed as dist
-
-        rank, world = distributed_rank_world()
-        if world == 1:
-            return 0
-        box = [self.clusters.tolist() if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        first = np.asarray(box[0])
+        first = np.asarray(first)
         moved = len(first) if len(first) != len(self.clusters) else int((first != self.clusters).sum())
         if moved:
-            print(f"TAS: process {rank} had {moved} of {len(first)} training queries in other clusters than "
-                  f"process 0; every process uses process 0's clusters.")
+            print(f"TAS: process {distributed_rank_world()[0]} had {moved} of {len(first)} training queries in other "
+                  f"clusters than process 0; every process uses process 0's clusters.")
             self.use_clusters(first)
         return moved
 
