@@ -93,7 +93,6 @@ class ClusterBatchSampler(Sampler[list[int]]):
     def __init__(self, dataset, clusters: Sequence[int], batch_size: int, clusters_per_batch: int = 1, seed: int = 0):
         self.sampler = EpochSampler(dataset, seed)  # what Lightning calls set_epoch on
         self.skip = 0  # batches of the next epoch to leave out once (resuming mid-epoch)
-        self.clusters = np.asarray(clusters)
         self.batch_size, self.per_batch, self.seed = batch_size, clusters_per_batch, seed
         self.use_clusters(clusters)
 
