@@ -41,7 +41,13 @@ python experiments/bench_train.py --model "$MODEL" --sizes $SIZES --chunk 1024 -
     | grep -v "Loading weights"
 echo "== GPU memory free before and after a BM25 search (bm25s imports JAX, which must stay on the CPU)"
 python - <<'PY'
+import importlib.util
+import sys
+
 import torch
+
+if importlib.util.find_spec("bm25s") is None:
+    sys.exit("skipped: bm25s is not installed here")
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.retrieval.bm25 import BM25Retriever
