@@ -64,7 +64,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict, resume_step: in
     return loggers
 
 
-RUN_OUTPUTS = ("metrics.json", "run_info.json", "model", "cross_encoder", "before", "after", "checkpoints", "csv")
+RUN_OUTPUTS = ("metrics.json", "run_info.json", "model", "cross_encoder", "before", "after", "checkpoints", "csv",
+               "wandb")
 
 
 def set_aside_earlier_run(run_dir: Path) -> Path | None:

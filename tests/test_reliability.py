@@ -183,6 +183,8 @@ def test_epoch_end_checkpoints_and_a_resume_with_other_settings(tiny_model, beir
     assert sorted(int(r["step"]) for r in rows) == list(range(step))  # each step's loss once
     with pytest.raises(ConfigError, match=r"other settings \(loss.temperature: 0.05 -> 0.5\)"):
         train(compose_train(args + ["trainer.max_epochs=2", "loss.temperature=0.5"]), run)
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)  # what an offline W&B logger leaves
+    (run / "wandb" / "offline-run-1" / "run-1.wandb").write_bytes(b"\x00logged")
     earlier = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     train(compose_train(args + ["trainer.max_epochs=1", "resume=null"]), run)
     aside = {p.relative_to(run / "previous"): p.read_bytes() for p in (run / "previous").rglob("*") if p.is_file()}
