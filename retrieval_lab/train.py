@@ -132,7 +132,10 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     """The training set the config asks for (pairs + negatives), batched as ``module`` needs it; and the dev
     qrels for validation."""
     encoder = module.encoder
-    train_qrels, dev_qrels = dataset.qrels(cfg.data.train_split, reachable_only=True), None
+    carve = cfg.validation.enabled and not cfg.data.dev_split  # the dev queries come out of the training qrels
+    labels = getattr(hydra.utils.get_class(cfg.pairs._target_), "needs_qrels", True) or cfg.negatives.get("file")
+    train_qrels = dataset.qrels(cfg.data.train_split, reachable_only=True) if labels or carve else None
+    dev_qrels = None
     extras = {}
     if cfg.negatives.get("file"):
         extras["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
@@ -142,7 +145,7 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
         extras["teacher"] = True
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)
-    elif cfg.validation.enabled:
+    elif carve:
         train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.data.split_seed)
     train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=cfg.negatives.group_size,
                                        seed=cfg.seed, **extras)

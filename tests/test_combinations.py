@@ -91,3 +91,23 @@ def test_a_run_shorter_than_the_logging_interval_logs_its_loss(tiny_model, beir_
     assert "logging interval" not in result.stderr
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [1]  # Lightning's step of the second batch
+
+
+def test_label_free_pairs_train_on_a_data_set_without_training_judgements(tiny_model, beir_folder, tmp_path):
+    """Cropping and ICT need no qrels of their own: a data set with test judgements only trains (validation off);
+    with validation on, its dev queries would come out of the training judgements, and the missing file is named."""
+    import shutil
+
+    data = tmp_path / "test_only"
+    shutil.copytree(beir_folder, data)
+    (data / "qrels" / "train.tsv").unlink()
+    overrides = ["data=beir", f"data.path={data}", f"model.name_or_path={tiny_model}",
+                 *[o for o in FAST if "queue_size" not in o]]
+    for pairs in ("cropping", "ict"):
+        train(compose_train([f"pairs={pairs}", *overrides]), tmp_path / pairs)
+        assert json.loads((tmp_path / pairs / "metrics.json").read_text())["steps"] == 2
+    from retrieval_lab.errors import DataError
+
+    with pytest.raises(DataError, match=r"qrels/train.tsv not found: data set .* has no 'train' split"):
+        train(compose_train(["pairs=cropping", *[o for o in overrides if o != "validation.enabled=false"]]),
+              tmp_path / "with_validation")

@@ -148,6 +148,8 @@ class Augmentation:
 class _DocumentViews(Dataset):
     """One training example per document of a corpus (the BEIR corpus, or a plain text/JSONL file)."""
 
+    needs_qrels = False  # label-free: a data set without training judgements will do
+
     def __init__(self, dataset: BeirDataset, qrels: Qrels | None = None, group_size: int = 1, seed: int = 0,
                  corpus: str | None = None, augmentation: Augmentation | dict | None = None, min_words: int = 8):
         if group_size != 1:
