@@ -75,8 +75,59 @@ def check_search(cfg: DictConfig, k_key: str, metrics_key: str, sample_key: str 
         require(cfg, sample_key, sample is None or sample >= 1, "must be a number of documents (or null: all).")
 
 
+def accepted_settings(target: str) -> set[str] | None:
+    """The keyword arguments a config block's ``_target_`` takes; None when it takes any (``**kwargs`` that reach
+    no explicit signature). A subclass's ``**kwargs`` are followed into its parents' ``__init__``."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - Hydra raises its own error, naming the target, when it instantiates
+        return None
+    names: set[str] = set()
+    for fn in [c.__init__ for c in obj.__mro__ if c is not object] if inspect.isclass(obj) else [obj]:
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+# keys of a config block with a _target_ that our code takes out before instantiating it
+CONSUMED = {"trainer": {"grad_cache_chunk"}}
+
+
+def check_targets(cfg: DictConfig, prefix: str = "") -> None:
+    """Refuse a key that the block's ``_target_`` does not take (``+loss.temprature=0.1``: Hydra accepts an added key,
+    and the constructor would refuse it only once the run has set up), naming the key and the nearest setting."""
+    import difflib
+
+    if "_target_" in cfg:
+        accepted = accepted_settings(cfg._target_)
+        if accepted is not None:
+            for key in cfg:
+                if key.startswith("_") or key in accepted or key in CONSUMED.get(prefix.rstrip("."), ()):
+                    continue
+                near = difflib.get_close_matches(key, sorted(accepted), n=1)
+                name = cfg._target_.rsplit(".", 1)[-1]
+                listed = f"its settings: {', '.join(sorted(accepted))}" if len(accepted) <= 12 else \
+                    f"see {name}'s documentation for its {len(accepted)} settings"
+                raise ConfigError(f"{prefix}{key} is not a setting of {name} ("
+                                  f"{f'did you mean {prefix}{near[0]}? ' if near else ''}{listed}).")
+    for key in cfg:
+        value = cfg._get_node(key)
+        if isinstance(value, DictConfig) and not value._is_missing() and not value._is_none():
+            check_targets(value, f"{prefix}{key}.")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Refuse, with one sentence, the settings that cannot work together."""
+    check_targets(cfg)
     for key in ("data.path", "model.name_or_path", "batch_size", "loss.temperature", "optim.lr"):
         if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
             raise ConfigError(f"config key {key} must be set.")

@@ -31,6 +31,7 @@ def dev_split(dataset: BeirDataset, cfg: DictConfig) -> BeirSplit:
 
 def evaluate(cfg: DictConfig) -> dict:
     config.check_all_set(cfg)  # e.g. model=hf, reranker=cross_encoder without a name
+    config.check_targets(cfg)
     config.check_kinds(cfg, whole=("k", "retriever.batch_size"), optional_whole=("retriever.token_budget",))
     check_metrics(cfg.metrics, "metrics")
     config.check_search(cfg, "k", "metrics")

@@ -27,6 +27,7 @@ OmegaConf.register_new_resolver("suffix_if", lambda value, suffix: suffix if val
 
 def mine(cfg: DictConfig) -> Path:
     config.check_all_set(cfg)  # e.g. retriever=dense model=hf without a name
+    config.check_targets(cfg)
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")

@@ -13,7 +13,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval_lab import config  # noqa: F401  (registers resolvers)
+from retrieval_lab import config  # also registers the resolvers
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import read_negatives, write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
@@ -23,6 +23,7 @@ from retrieval_lab.retrieval.encoding import pick_device
 
 
 def score(cfg: DictConfig) -> Path:
+    config.check_targets(cfg)
     if Path(cfg.output).resolve() == Path(cfg.input).resolve():
         raise ConfigError(f"output={cfg.output} would overwrite the input file: choose another output path.")
     if OmegaConf.is_missing(cfg.model, "name_or_path"):  # the teacher is checked first: reading the data takes a while

@@ -72,6 +72,10 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     ("data.dev_split=test", "data.dev_split=test is also the training or the test split"),
     ("eval.k=5", "eval.k=5 retrieves fewer documents than ndcg@10 looks at"),
     ("eval.k=50", "eval.k=50 retrieves fewer documents than recall@100 looks at"),
+    ("+loss.temprature=0.1", "loss.temprature is not a setting of InfoNCELoss"),  # Hydra takes an added key
+    ("+trainer.foo=1", "trainer.foo is not a setting of Trainer"),
+    ("negatives=moco +negatives.module.queue_sise=8", "negatives.module.queue_sise is not a setting of MoCoModule"),
+    ("module=rocketqa +module.cross_encoder.max_len=8", "module.cross_encoder.max_len is not a setting of CrossEncoder"),
 ])
 def test_impossible_settings_are_refused(override, key):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -88,6 +92,10 @@ def test_impossible_settings_are_refused(override, key):
     (["loss.temperature=-1"], "loss.temperature"),
     (["model.name_or_path=no-such-org/no-such-model"], "could not load model 'no-such-org/no-such-model'"),
     (["model.pooling=max"], "model.pooling must be one of mean, cls"),
+    (["+loss.temprature=0.1"], "loss.temprature is not a setting of InfoNCELoss (did you mean loss.temperature? its "
+                               "settings: bidirectional, temperature)."),
+    (["+trainer.max_step=3"], "trainer.max_step is not a setting of Trainer (did you mean trainer.max_steps? see "
+                              "Trainer's documentation for its "),
 ])
 def test_train_entry_point_exits_with_one_sentence(args, needle, beir_folder, tmp_path):
     base = {"data.path": f"data.path={beir_folder}"}

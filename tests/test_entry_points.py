@@ -72,10 +72,12 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
     (["retriever=bm25", "k=0"], "error: k=0 must be at least 1."),
     (["retriever=bm25", "k=abc"], "error: k=abc must be a whole number."),
     (["retriever.index=foo"], "error: retriever.index must be 'flat', 'hnsw' or 'torch', got 'foo'."),
+    (["retriever=bm25", "+retriever.k_1=0.9"], "error: retriever.k_1 is not a setting of BM25Retriever (did you "
+                                                "mean retriever.k1? its settings: b, k1, stemmer, stopwords)."),
 ])
 def test_evaluate_refuses_a_search_that_cannot_give_its_metrics(args, needle, tiny_model, beir_folder, tmp_path):
-    """k below a metric's cutoff (recall@100 on 5 documents), not a number, or an unknown index: one sentence, before
-    the corpus is encoded, and no metrics.json."""
+    """k below a metric's cutoff (recall@100 on 5 documents), not a number, an unknown index, or a key the retriever
+    does not take: one sentence, before the corpus is encoded, and no metrics.json."""
     result = run_module("retrieval_lab.evaluate", f"model.name_or_path={tiny_model}", "data=beir",
                         f"data.path={beir_folder}", *args, f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
