@@ -3,8 +3,10 @@
 Every run directory under the folder that holds a ``metrics.json`` is one run; runs whose Hydra overrides differ
 only in ``seed`` form one configuration. For each configuration and metric the table gives mean ± standard
 deviation over seeds, and a paired test over queries (per-query scores averaged over seeds; ranx's paired
-t-test, or with --test fisher its randomisation test) against the baseline configuration marks significant
-differences.
+t-test, or with --test fisher a paired randomisation test, scipy's, which is exact for up to 13 queries and seeded
+otherwise) against the baseline configuration marks significant differences. No correction for multiple comparisons
+is made. A job folder without a metrics.json (a failed or unfinished run) and two runs of one configuration with
+the same seed are named in a warning.
 Writes ``report.md``, ``report.csv``, one bar plot per metric and the validation curves (PNG) into ``--out``
 (default ``<folder>/report``).
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from retrieval_lab.errors import DataError, exit_on_user_error
+from retrieval_lab.errors import DataError, exit_on_user_error, warn
 from retrieval_lab.retrieval.runfile import atomic_write_text, read_json, read_trec_run
 
 IGNORED = ("seed", "hydra.")
@@ -33,8 +35,12 @@ class Config:
     runs: list[Path] = field(default_factory=list)
     seeds: list[str] = field(default_factory=list)
     means: dict[str, list[float]] = field(default_factory=dict)      # metric -> one value per run
-    per_query: dict[str, dict[str, float]] = field(default_factory=dict)  # metric -> qid -> mean over runs
-    scored_runs: int = 0  # the runs whose run files gave per_query
+    scored: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # metric -> qid -> one value per run file
+
+    @property
+    def per_query(self) -> dict[str, dict[str, float]]:
+        """metric -> qid -> mean over the runs whose run file scored that query."""
+        return {m: {q: statistics.fmean(v) for q, v in by_q.items()} for m, by_q in self.scored.items()}
 
     @property
     def name(self) -> str:
@@ -46,10 +52,16 @@ def find_runs(folder: Path) -> list[tuple[Path, dict[str, str], dict]]:
     def natural(path: Path):  # job folders 0, 1, ..., 10 in numeric order
         return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.relative_to(folder).parts]
 
+    def skipped(run: Path) -> bool:  # a report's folder, and a restarted run's earlier outputs, are no runs
+        parts = run.relative_to(folder).parts
+        return "report" in parts or any(re.fullmatch(r"previous(-\d+)?", part) for part in parts)
+
+    for job in sorted((f.parent.parent for f in folder.rglob(".hydra/overrides.yaml")), key=natural):
+        if not skipped(job) and not (job / "metrics.json").is_file():
+            warn(f"{job} has no metrics.json (a failed or unfinished run): left out of the report.")
     for metrics_file in sorted(folder.rglob("metrics.json"), key=natural):
         run = metrics_file.parent
-        parts = run.relative_to(folder).parts  # a report's folder, and a restarted run's earlier outputs, are no runs
-        if "report" in parts or any(re.fullmatch(r"previous(-\d+)?", part) for part in parts):
+        if skipped(run):
             continue
         overrides_file = run / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
@@ -77,9 +89,14 @@ def judged_qrels(run: Path, cache: dict):
 
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")  # as saved: interpolations resolve on access
     split = OmegaConf.select(cfg, "eval.split") or OmegaConf.select(cfg, "split")
-    key = (OmegaConf.select(cfg, "data.path"), split)
+    path = Path(OmegaConf.select(cfg, "data.path"))
+    hydra_file = run / ".hydra" / "hydra.yaml"
+    if not path.is_absolute() and hydra_file.is_file():  # relative to where the run was started
+        cwd = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.cwd")
+        path = Path(cwd) / path if cwd else path
+    key = (str(path), split)
     if key not in cache:
-        cache[key] = BeirDataset(key[0]).qrels(split)
+        cache[key] = BeirDataset(path).qrels(split)
     return cache[key]
 
 
@@ -103,32 +120,43 @@ def collect(folder: Path, metrics: list[str], stage: str) -> list[Config]:
             config.means.setdefault(m, []).append(float(scores[m]))
         if run_file is not None and run_file.is_file() and (run / ".hydra" / "config.yaml").is_file():
             queries = per_query(judged_qrels(run, qrels_cache), read_trec_run(run_file), metrics)
-            config.scored_runs += 1
-            n = config.scored_runs  # not len(config.runs): a run without a run file adds nothing here
-            for m, by_q in queries.items():
-                acc = config.per_query.setdefault(m, {})
-                for q, v in by_q.items():  # running mean over the configuration's runs
-                    acc[q] = acc.get(q, 0.0) + (v - acc.get(q, 0.0)) / n
+            for m, by_q in queries.items():  # a run without a run file adds nothing here
+                for q, v in by_q.items():
+                    config.scored.setdefault(m, {}).setdefault(q, []).append(v)
+    for config in configs.values():
+        repeated = sorted({s for s in config.seeds if config.seeds.count(s) > 1})
+        if repeated:
+            warn(f"{config.name}: {len(config.runs)} runs with seed {', '.join(repeated)} counted as separate runs "
+                 f"({', '.join(str(r) for r in config.runs)}).")
     return list(configs.values())
 
 
-def significance(baseline: Config, other: Config, metric: str, test: str, max_p: float) -> float | None:
-    """p-value of the paired test over the queries both configurations were scored on (None: not testable)."""
-    from ranx.statistical_tests import fisher_randomization_test, paired_student_t_test
+def significance(baseline: Config, other: Config, metric: str, test: str, max_p: float) -> tuple[float, float] | None:
+    """p-value of the paired test over the queries both configurations were scored on, and the mean difference
+    (other - baseline) on those queries, which gives the direction; None: not testable."""
     import numpy as np
+    from ranx.statistical_tests import paired_student_t_test
+    from scipy.stats import permutation_test
 
     a, b = baseline.per_query.get(metric), other.per_query.get(metric)
     if not a or not b or other is baseline:
         return None
     qids = sorted(a.keys() & b.keys())
+    if not qids:
+        return None
+    if len(qids) < len(a.keys() | b.keys()):
+        warn(f"{other.name} and the baseline were scored on different queries: {metric} is tested on the "
+             f"{len(qids)} they share.")
     x, y = np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
+    difference = float(np.mean(y - x))
     if len(qids) < 2 or np.allclose(x, y):
-        return 1.0
+        return 1.0, difference
     if test == "student":
         p, _ = paired_student_t_test(x, y, max_p)
-    else:
-        p, _ = fisher_randomization_test(x, y, n_permutations=10000, max_p=max_p, random_seed=42)
-    return float(p)
+    else:  # ranx's randomisation test draws in numba threads that its seed does not reach: not reproducible
+        p = permutation_test((x, y), lambda u, v: np.mean(u - v), permutation_type="samples", n_resamples=9999,
+                             random_state=42, vectorized=False).pvalue
+    return float(p), difference
 
 
 def pick_baseline(configs: list[Config], spec: str | None) -> Config:
@@ -142,8 +170,9 @@ def pick_baseline(configs: list[Config], spec: str | None) -> Config:
     return matches[0]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the sample standard deviation (None for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def tables(configs: list[Config], baseline: Config, metrics: list[str], test: str, max_p: float) -> tuple[str, str]:
@@ -155,17 +184,19 @@ def tables(configs: list[Config], baseline: Config, metrics: list[str], test: st
         cells, row = [], {**c.label, "runs": len(c.runs), "baseline": c is baseline}
         for m in metrics:
             mean, std = mean_std(c.means[m])
-            p = significance(baseline, c, m, test, max_p)
+            tested = significance(baseline, c, m, test, max_p)
+            p = tested[0] if tested else None
             mark = ""
-            if p is not None and p <= max_p:
-                mark = " ▲" if mean > statistics.fmean(baseline.means[m]) else " ▼"
-            cells.append(f"{mean:.4f} ± {std:.4f}{mark}")
-            row.update({f"{m}_mean": round(mean, 6), f"{m}_std": round(std, 6), f"{m}_p": p})
+            if tested and p <= max_p and tested[1] != 0:
+                mark = " ▲" if tested[1] > 0 else " ▼"
+            cells.append(f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + mark)
+            row.update({f"{m}_mean": round(mean, 6), f"{m}_std": None if std is None else round(std, 6), f"{m}_p": p})
         name_cells = [*c.label.values()] if c is not baseline else [f"**{v}**" for v in c.label.values()]
         md.write("| " + " | ".join([*name_cells, str(len(c.runs)), *cells]) + " |\n")
         rows.append(row)
     md.write(f"\nBold: the baseline. ▲/▼: significantly better/worse than the baseline ({TESTS[test]} over "
-             f"queries on per-query scores averaged over seeds, p <= {max_p}). Mean ± standard deviation over runs.\n")
+             f"queries on per-query scores averaged over seeds, p <= {max_p}, no correction for multiple "
+             f"comparisons). Mean ± sample standard deviation over runs (no ± for a single run).\n")
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -182,13 +213,13 @@ def plots(configs: list[Config], metrics: list[str], out: Path) -> list[Path]:
     written = []
     names = [c.name for c in configs]
     for m in metrics:
-        stats = [mean_std(c.means[m]) for c in configs]
+        stats = [(mean, std or 0.0) for mean, std in (mean_std(c.means[m]) for c in configs)]
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(configs) + 2), 4))
         ax.bar(range(len(configs)), [s[0] for s in stats], yerr=[s[1] for s in stats], capsize=3, color="#4c72b0")
         ax.set_xticks(range(len(configs)), names, rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel(m)
-        low = min(s[0] - s[1] for s in stats)
-        ax.set_ylim(max(0.0, low - 0.05), None)
+        low = max(0.0, min(s[0] - s[1] for s in stats) - 0.05)
+        ax.set_ylim(low, None)
+        ax.set_ylabel(m if low == 0 else f"{m} (axis from {low:.2f}, not 0)")
         fig.tight_layout()
         path = out / f"{m.replace('@', '_at_')}.png"
         fig.savefig(path, dpi=120)

@@ -1,5 +1,6 @@
 """The sweep report on a synthetic multirun folder: table values against hand computation (mean, sample std,
-scipy's paired t-test on per-query nDCG@10 computed from the ranks), the baseline choice, plots and errors."""
+scipy's paired t-test on per-query nDCG@10 computed from the ranks, the randomisation test by enumeration), the
+baseline choice, the direction marks, plots, warnings and errors."""
 from __future__ import annotations
 
 import csv
@@ -103,3 +104,84 @@ def test_per_query_means_count_only_the_runs_with_a_run_file(sweep):
     assert len(infonce.runs) == 2
     scores = infonce.per_query["ndcg@10"]
     assert [scores[q] for q in sorted(scores)] == pytest.approx(per_query[("infonce", 2)])
+
+
+def config_with(name: str, means: list[float], per_query: dict[str, float]):
+    """A configuration of ``len(means)`` runs, one of them with a run file scoring ``per_query``."""
+    from retrieval_lab.report import Config
+
+    config = Config({"loss": name}, runs=[f"{name}/{i}" for i in range(len(means))],
+                    seeds=[str(i) for i in range(len(means))])
+    config.means["ndcg@10"] = means
+    config.scored["ndcg@10"] = {q: [v] for q, v in per_query.items()}
+    return config
+
+
+def test_the_mark_follows_the_tested_queries_and_one_run_has_no_deviation():
+    """The baseline's mean (1.0 and 0.5 over two runs) lies above the other configuration's (0.6), but only its
+    second run has a run file, and on those queries the other is better: ▲, as the test compared them. A
+    configuration of one run shows no ± (a sample deviation of one value is undefined)."""
+    from retrieval_lab.report import tables
+
+    base = config_with("infonce", [1.0, 0.5], {f"q{i}": 0.5 + 0.01 * (i % 2) for i in range(10)})
+    other = config_with("samtone", [0.6], {f"q{i}": 0.6 + 0.02 * (i % 3) for i in range(10)})
+    md, table = tables([base, other], base, ["ndcg@10"], "student", 0.05)
+    assert "| samtone | 1 | 0.6000 ▲ |" in md and "| **infonce** | 2 | 0.7500 ± 0.3536 |" in md
+    rows = list(csv.DictReader(table.splitlines()))
+    assert rows[1]["ndcg@10_std"] == ""
+    assert float(rows[0]["ndcg@10_std"]) == pytest.approx(statistics.stdev([1, 0.5]), abs=1e-6)
+
+
+def test_the_randomisation_test_is_exact_on_few_queries_and_the_same_every_time():
+    """10 queries: all 2^10 sign flips of the paired differences, enumerated by hand, give the two-sided p-value."""
+    import itertools
+
+    import numpy as np
+
+    from retrieval_lab.report import significance
+
+    x = [0.5, 0.6, 0.2, 0.9, 0.4, 0.3, 0.7, 0.1, 0.8, 0.5]
+    y = [0.6, 0.7, 0.2, 0.95, 0.6, 0.3, 0.65, 0.3, 0.9, 0.55]
+    base = config_with("a", [0.5], {f"q{i}": v for i, v in enumerate(x)})
+    other = config_with("b", [0.6], {f"q{i}": v for i, v in enumerate(y)})
+    d = np.array(y) - np.array(x)
+    flips = [abs(np.mean(d * np.array(signs))) for signs in itertools.product([1, -1], repeat=10)]
+    expected = np.mean([f >= abs(d.mean()) - 1e-12 for f in flips])
+    p, difference = significance(base, other, "ndcg@10", "fisher", 0.05)
+    assert p == pytest.approx(expected) and difference == pytest.approx(d.mean())
+    assert significance(base, other, "ndcg@10", "fisher", 0.05)[0] == p
+
+
+def test_queries_scored_by_one_side_only_are_left_out_of_the_test_and_named(capsys):
+    from retrieval_lab.report import significance
+
+    base = config_with("a", [0.5], {"q1": 0.5, "q2": 0.4, "q3": 0.3})
+    other = config_with("b", [0.6], {"q1": 0.6, "q2": 0.6, "q4": 0.9})
+    assert significance(base, other, "ndcg@10", "student", 0.05)[1] == pytest.approx(0.15)
+    assert "were scored on different queries: ndcg@10 is tested on the 2 they share" in capsys.readouterr().err
+    apart = config_with("c", [0.6], {"q7": 0.6, "q8": 0.6})
+    assert significance(base, apart, "ndcg@10", "student", 0.05) is None  # nothing to pair: not tested
+
+
+def test_failed_runs_and_repeated_seeds_are_named_and_a_relative_data_path_is_found(sweep, tmp_path, monkeypatch,
+                                                                                     beir_folder, capsys):
+    """A job folder without metrics.json is named; two runs of one configuration with one seed are named; a run
+    whose data.path is relative to where it was started (.hydra/hydra.yaml's runtime.cwd) is scored from anywhere."""
+    folder, _ = sweep
+    (folder / "5" / "metrics.json").unlink()  # loss=margin, seed=2 failed
+    overrides = folder / "1" / ".hydra" / "overrides.yaml"  # loss=infonce's second run: seed 1 again
+    overrides.write_text(overrides.read_text().replace("seed=2", "seed=1"))
+    for run in folder.iterdir():
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": {"path": beir_folder.name},
+                                                                    "eval": {"split": "test"}}))
+        runtime = {"hydra": {"runtime": {"cwd": str(beir_folder.parent)}}}
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(runtime))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    out = report(folder, ["ndcg@10"], baseline="loss=infonce")
+    err = capsys.readouterr().err
+    assert f"warning: {folder / '5'} has no metrics.json (a failed or unfinished run): left out of the report." in err
+    repeated = f"warning: loss=infonce: 2 runs with seed 1 counted as separate runs ({folder / '0'}, {folder / '1'})."
+    assert repeated in err
+    rows = {r["loss"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    assert rows["margin"]["runs"] == "1" and rows["samtone"]["ndcg@10_p"] != ""
