@@ -133,6 +133,24 @@ class ExactResume(L.Callback):
             progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
             for counts in (progress["total"], progress["current"]):
                 counts["ready"] = counts["started"] = counts["processed"] = counts["completed"]
+        self.mark_a_cut_epoch_unfinished(trainer, checkpoint)
+
+    @staticmethod
+    def mark_a_cut_epoch_unfinished(trainer, checkpoint: dict) -> None:
+        """A run that reaches trainer.max_steps inside an epoch ends that epoch, and the checkpoints written then
+        (last.ckpt, epoch<N>.ckpt) count it as processed: continuing the run with a larger max_steps, Lightning
+        would start the next epoch (its order, with the rest of this one skipped). Such a checkpoint is written as a
+        mid-epoch one (as a step checkpoint is), so the continued run trains the batches an uninterrupted run
+        would."""
+        datamodule = getattr(trainer, "datamodule", None)
+        batches = datamodule.batches_per_epoch() if hasattr(datamodule, "batches_per_epoch") else None
+        epochs = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+        if not batches or epochs is None or trainer.global_step % batches == 0:
+            return  # the epoch's batches are all trained: it did end
+        for counts in (epochs["total"], epochs["current"]):  # started, not yet processed (nor completed)
+            counts["ready"] = counts["started"] = max(counts["started"], 1)
+            counts["processed"] = counts["completed"] = counts["started"] - 1
+        checkpoint["epoch"] = epochs["current"]["completed"]
 
     def state_dict(self) -> dict:
         # inside a step, the states it began with: resuming replays it with the same dropout

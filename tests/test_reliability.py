@@ -290,3 +290,31 @@ def test_the_schedule_counts_the_runs_steps_without_building_the_loader(max_epoc
               enable_model_summary=False, enable_checkpointing=False, use_distributed_sampler=False).fit(
         Counting(), datamodule=datamodule)
     assert counted["ours"] == counted["lightning"] and not counted["loader built"]
+
+
+@pytest.mark.parametrize("every", [0, 1])
+def test_continuing_a_finished_run_trains_the_batches_an_uninterrupted_run_trains(every, tiny_model, beir_folder,
+                                                                                tmp_path, monkeypatch):
+    """A run stopped by trainer.max_steps inside an epoch, continued with a larger max_steps (what the rerun message
+    suggests), and again with trainer.max_epochs: its batches are those of one run to that length, across the
+    epoch boundary (10 batches an epoch here), with epoch-end checkpoints only (every 0) or step checkpoints too."""
+    from retrieval_lab.data import datamodule
+
+    trained, call = [], datamodule.GroupCollator.__call__
+    monkeypatch.setattr(datamodule.GroupCollator, "__call__", lambda self, ex: trained.append(
+        [e["qid"] for e in ex]) or call(self, ex))
+    args = [a for a in overrides(tiny_model, beir_folder, 2) if not a.startswith("checkpoint.every_n_steps")]
+    args += [f"checkpoint.every_n_steps={every}"]
+
+    def batches(folder, *lengths):
+        trained.clear()
+        for length in lengths:
+            train(compose_train(args + length), tmp_path / folder)
+        return list(trained)
+
+    straight = batches("straight", ["trainer.max_steps=12"])
+    assert len(straight) == 12
+    assert batches("continued", ["trainer.max_steps=2"], ["trainer.max_steps=5"], ["trainer.max_steps=12"]) == straight
+    two_epochs = batches("epochs", ["trainer.max_steps=-1", "trainer.max_epochs=2"])
+    assert len(two_epochs) == 20 and two_epochs[:12] == straight
+    assert batches("cut", ["trainer.max_steps=3"], ["trainer.max_steps=-1", "trainer.max_epochs=2"]) == two_epochs
