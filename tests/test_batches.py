@@ -41,6 +41,23 @@ def test_batch_layout_and_false_negative_mask(shared_positive_data):
     assert not batch["mask"].diagonal().any()  # a query's own target is never masked
 
 
+@pytest.mark.parametrize("queries,group", [(1, 1), (7, 1), (16, 3), (64, 4)])
+def test_the_false_negative_mask_follows_its_definition_column_by_column(queries, group):
+    """Random batches whose document columns repeat (one document in several groups) and whose queries judge
+    several positives: column j is masked for query i when it holds one of i's positives, except i's own target."""
+    import random
+
+    from retrieval_lab.data.datamodule import false_negative_mask
+
+    rng = random.Random(queries * 10 + group)
+    doc_ids = [f"d{rng.randrange(queries * group)}" for _ in range(queries * group)]
+    positives = [[doc_ids[i * group]] + [f"d{rng.randrange(queries * group)}" for _ in range(rng.randrange(4))]
+                 for i in range(queries)]
+    expected = torch.tensor([[doc_ids[j] in positives[i] and j != i * group for j in range(queries * group)]
+                             for i in range(queries)], dtype=torch.bool)
+    assert torch.equal(false_negative_mask(doc_ids, positives, group), expected)
+
+
 def test_distillation_masks_every_judged_positive_not_only_the_scored_ones(shared_positive_data):
     """With teacher scores, positives are drawn only from those the file scores (d2 for q1), but a positive the
     file leaves unscored (d1, q2's positive) is still no negative of q1 in the batch."""
