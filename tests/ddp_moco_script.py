@@ -22,7 +22,13 @@ data = RetrievalDataModule(CroppingPairs(BeirDataset(data_dir), seed=1, augmenta
 steps = []  # this process's document identities, one list per step
 
 
+wrapped = []  # DDP's broadcast_buffers while training
+
+
 class Record(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        wrapped.append(trainer.model.broadcast_buffers)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         steps.append(batch["doc_keys"].tolist())
 
@@ -31,6 +37,7 @@ trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy="ddp", u
                     logger=False, callbacks=[Record()],
                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(module, datamodule=data)
+assert wrapped == [False]  # the queues agree without DDP's broadcast of buffers before each forward
 every = [None, None]
 dist.all_gather_object(every, steps)
 expected = [k for step in range(2) for rank in every for k in rank[step]]
