@@ -59,8 +59,8 @@ def test_tas_batches_follow_the_first_processs_clusters(tiny_model, beir_folder,
 def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, tiny_model, beir_folder, bm25_negatives,
                                                            tmp_path):
     """Two processes with 3 queries each, scoring against each other's documents (SamToNe, both sides,
-    bidirectional: every cross-process interaction counts), give the loss and gradients of one process on the
-    6 queries, at each of 3 steps; with gradient caching (chunk 2) too, whose backward of a query chunk leaves the
+    bidirectional: every cross-process interaction counts), each taking its own queries' terms (the mean of their
+    losses) give the loss and gradients of one process on the 6 queries, at each of 3 steps; with gradient caching (chunk 2) too, whose backward of a query chunk leaves the
     document tower without gradient when the towers are separate."""
     run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk, towers)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
@@ -90,8 +90,9 @@ def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, tiny_m
         batch = GroupCollator(encoder.tokenizer, 16, 32)(examples)
         loss = module.loss_from_embeddings([embed(inputs) for embed, inputs in module.towers(batch)], batch)
         loss.backward()
+        assert (steps[0]["loss"] + steps[1]["loss"]) / 2 == pytest.approx(loss.item(), rel=1e-5), step
+        assert steps[0]["loss"] != pytest.approx(steps[1]["loss"], rel=1e-3)  # each: its own queries' terms
         for rank in steps:
-            assert rank["loss"] == pytest.approx(loss.item(), rel=1e-5), step
             for name, param in module.named_parameters():
                 assert torch.allclose(rank["grads"][name], param.grad, atol=1e-6, rtol=1e-4), (step, name)
 

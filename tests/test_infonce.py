@@ -88,3 +88,34 @@ def test_scores_stay_float32_under_bf16_autocast(name):
     assert exact[0].dtype == mixed[0].dtype == torch.float32
     for a, b in zip(exact, mixed):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["infonce", "infonce_bidirectional", "samtone_query", "samtone_both_bidirectional",
+                                  "margin_mse", "listwise_kl"])
+def test_the_loss_of_the_batch_is_the_mean_of_its_row_shares(name):
+    """Under DDP each process takes the terms of its own queries (``rows``) against the whole gathered batch: the
+    mean of the shares, and the sum of their gradients over 2, equal the loss of the whole batch and its gradient,
+    with a mask of false negatives (queries 0 and 5 share a positive; query 3 judges query 6's positive)."""
+    from retrieval_lab.losses.listwise_kl import ListwiseKLLoss
+    from retrieval_lab.losses.margin_mse import MarginMSELoss
+    from retrieval_lab.losses.samtone import SamToNeLoss
+
+    torch.manual_seed(1)
+    loss = {"infonce": InfoNCELoss(0.1), "infonce_bidirectional": InfoNCELoss(0.1, bidirectional=True),
+            "samtone_query": SamToNeLoss(0.1), "samtone_both_bidirectional": SamToNeLoss(0.1, "both", True),
+            "margin_mse": MarginMSELoss(scale=5.0, alpha=0.5), "listwise_kl": ListwiseKLLoss(0.1)}[name]
+    q, d = torch.randn(8, 16), torch.randn(16, 16)
+    mask = torch.zeros(8, 16, dtype=torch.bool)
+    mask[0, 10] = mask[5, 0] = mask[3, 12] = True
+    extra = {"mask": mask, **({"teacher": torch.randn(8, 2)} if name in ("margin_mse", "listwise_kl") else {})}
+
+    def value_and_grad(rows):
+        qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
+        value = loss(qq, dd, group_size=2, rows=rows, **extra)
+        value.backward()
+        return value.detach(), qq.grad, dd.grad
+
+    whole = value_and_grad(None)
+    shares = [value_and_grad(torch.arange(4)), value_and_grad(torch.arange(4, 8))]
+    for part, (a, b) in enumerate(zip(*shares)):
+        torch.testing.assert_close((a + b) / 2, whole[part], rtol=1e-5, atol=1e-6)

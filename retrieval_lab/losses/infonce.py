@@ -22,17 +22,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval_lab.losses.scores import check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.scores import anchor_rows, check_temperature, contrastive_scores, similarity
 
 
-def document_to_query(q: torch.Tensor, d: torch.Tensor, targets: torch.Tensor, temperature: float,
-                      mask: torch.Tensor | None = None) -> torch.Tensor:
-    """L_dq: each positive document against every query of the batch."""
-    positives = d[targets]
-    reverse = similarity(positives, q) / temperature
+def document_to_query(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
+                      mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """L_dq: the positive document of each anchor query (``rows``) against every query of the batch."""
+    rows = anchor_rows(q, rows)
+    targets = rows * group_size
+    reverse = similarity(d[targets], q) / temperature
     if mask is not None:  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
         reverse = reverse.masked_fill(mask[:, targets].T, float("-inf"))
-    return F.cross_entropy(reverse, torch.arange(q.size(0), device=q.device))
+    return F.cross_entropy(reverse, rows)
 
 
 class InfoNCELoss(nn.Module):
@@ -41,9 +42,10 @@ class InfoNCELoss(nn.Module):
         self.temperature, self.bidirectional = check_temperature(temperature), bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask)
+                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask, rows)
         loss = F.cross_entropy(scores, targets)
         if self.bidirectional:
-            loss = (loss + document_to_query(q, d, targets, self.temperature, mask)) / 2
+            loss = (loss + document_to_query(q, d, group_size, self.temperature, mask, rows)) / 2
         return loss

@@ -19,7 +19,7 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.margin_mse import group_scores
-from retrieval_lab.losses.scores import check_temperature
+from retrieval_lab.losses.scores import anchor_rows, check_temperature
 
 
 def listwise_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -39,9 +39,10 @@ class ListwiseKLLoss(nn.Module):
         self.teacher_temperature = teacher_temperature
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 2, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         if teacher is None or group_size < 2:
             raise ConfigError("loss=listwise_kl needs teacher scores and negatives.group_size >= 2 "
                               "(a negatives file with scores for every listed document).")
-        student = group_scores(q, d, group_size) / self.temperature
-        return listwise_kl(student, teacher / self.teacher_temperature)
+        student = group_scores(q, d, group_size, rows) / self.temperature
+        return listwise_kl(student, teacher[anchor_rows(q, rows)] / self.teacher_temperature)

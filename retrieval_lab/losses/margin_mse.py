@@ -23,12 +23,15 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import InfoNCELoss
+from retrieval_lab.losses.scores import anchor_rows
 
 
-def group_scores(q: torch.Tensor, d: torch.Tensor, group_size: int) -> torch.Tensor:
-    """B x G: query i against its own group only (positive first), in float32 (see ``scores.similarity``)."""
+def group_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """R x G: each anchor query (``rows``; None: all B) against its own group only (positive first), in float32
+    (see ``scores.similarity``)."""
+    rows = anchor_rows(q, rows)
     with torch.autocast(q.device.type, enabled=False):
-        return torch.einsum("bh,bgh->bg", q.float(), d.float().view(q.size(0), group_size, -1))
+        return torch.einsum("bh,bgh->bg", q[rows].float(), d.float().view(q.size(0), group_size, -1)[rows])
 
 
 class MarginMSELoss(nn.Module):
@@ -42,13 +45,14 @@ class MarginMSELoss(nn.Module):
         self.in_batch = InfoNCELoss(temperature) if alpha > 0 else None
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 2, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None) -> torch.Tensor:
+                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
         if teacher is None or group_size < 2:
             raise ConfigError("loss=margin_mse needs teacher scores and negatives.group_size >= 2 "
                               "(a negatives file with scores for every listed document).")
-        student = self.scale * group_scores(q, d, group_size)
-        teacher = teacher.detach().float()
+        student = self.scale * group_scores(q, d, group_size, rows)
+        teacher = teacher.detach().float()[anchor_rows(q, rows)]
         loss = F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])
         if self.in_batch is not None:
-            loss = loss + self.alpha * self.in_batch(q, d, group_size, mask, queue)
+            loss = loss + self.alpha * self.in_batch(q, d, group_size, mask, queue, rows=rows)
         return loss

@@ -25,7 +25,7 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import document_to_query
-from retrieval_lab.losses.scores import check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.scores import anchor_rows, check_temperature, contrastive_scores, similarity
 
 SIDES = ("query", "document", "both")
 
@@ -38,27 +38,29 @@ class SamToNeLoss(nn.Module):
         self.temperature, self.side, self.bidirectional = check_temperature(temperature), side, bidirectional
 
     def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask)
-        batch = q.size(0)
+                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask, rows)
+        rows, batch = anchor_rows(q, rows), q.size(0)
+        every = torch.arange(batch, device=q.device)
         # same-tower pairs dropped: (i, i), and where the two queries share a positive among the batch's
         # columns (query side; symmetric), or where d+_j is a positive of query i (document side)
-        eye = torch.eye(batch, dtype=torch.bool, device=q.device)
-        positive_of = None if mask is None else mask[:, targets]  # [i, j]: d+_j is a positive of query i
+        eye = rows[:, None] == every[None, :]  # anchor row r against batch entry j: the same query
+        all_targets = every * group_size
         extra = []
         if self.side in ("query", "both"):
             drop = eye
             if mask is not None:
                 judged = mask.clone()
-                judged[torch.arange(batch, device=q.device), targets] = True  # each query's own target too
-                drop = drop | (judged.float() @ judged.float().T > 0)
-            extra.append(similarity(q, q).masked_fill(drop, float("-inf")))
+                judged[every, all_targets] = True  # each query's own target too
+                drop = drop | (judged[rows].float() @ judged.float().T > 0)
+            extra.append(similarity(q[rows], q).masked_fill(drop, float("-inf")))
         if self.side in ("document", "both"):
-            positives = d[targets]
-            drop = eye if positive_of is None else eye | positive_of
-            extra.append(similarity(positives, positives).masked_fill(drop, float("-inf")))
+            positives = d[all_targets]
+            drop = eye if mask is None else eye | mask[rows][:, all_targets]  # [r, j]: d+_j a positive of query r
+            extra.append(similarity(positives[rows], positives).masked_fill(drop, float("-inf")))
         scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
         loss = F.cross_entropy(scores, targets)
         if self.bidirectional:
-            loss = (loss + document_to_query(q, d, targets, self.temperature, mask)) / 2
+            loss = (loss + document_to_query(q, d, group_size, self.temperature, mask, rows)) / 2
         return loss

@@ -4,6 +4,10 @@ Row i holds query i's scores against the B*G documents of the batch (its target 
 a queue of momentum keys is given (MoCo), against every queue entry. False negatives are masked to -inf:
 in-batch columns by ``mask`` (B x B*G), queue columns by ``queue_mask`` (B x K), True = drop.
 
+``rows`` (the indices of some of the B queries; None: all) restricts the anchors to those queries: each loss is
+then the mean of their terms, against every column of the batch. Under DDP each process takes its own queries'
+rows of the gathered batch, so no process scores the whole global batch (see ``BiEncoderModule.gather_batch``).
+
 Every score of every loss is a float32 product (``similarity``), also under bf16 autocast: a bf16 product keeps 8
 bits, so cosines near 1 move in steps of 2^-8, which the temperature (1/tau = 20) turns into logit steps of 0.08.
 """
@@ -26,17 +30,24 @@ def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a.float() @ b.float().T
 
 
+def anchor_rows(q: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The indices of the anchor queries (all B when ``rows`` is None)."""
+    return torch.arange(q.size(0), device=q.device) if rows is None else rows.to(q.device)
+
+
 def contrastive_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
                        mask: torch.Tensor | None = None, queue: torch.Tensor | None = None,
-                       queue_mask: torch.Tensor | None = None):
-    """Return (scores / temperature, targets)."""
-    targets = torch.arange(q.size(0), device=q.device) * group_size
-    scores = similarity(q, d)
+                       queue_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+    """Return (scores / temperature, targets): one row per anchor query (``rows``), its target the column of its
+    positive."""
+    rows = anchor_rows(q, rows)
+    targets = rows * group_size
+    scores = similarity(q[rows], d)
     if mask is not None:
-        scores = scores.masked_fill(mask, float("-inf"))
+        scores = scores.masked_fill(mask[rows], float("-inf"))
     if queue is not None and queue.numel():
-        queue_scores = similarity(q, queue)
+        queue_scores = similarity(q[rows], queue)
         if queue_mask is not None:
-            queue_scores = queue_scores.masked_fill(queue_mask, float("-inf"))
+            queue_scores = queue_scores.masked_fill(queue_mask[rows], float("-inf"))
         scores = torch.cat([scores, queue_scores], dim=1)
     return scores / temperature, targets

@@ -79,8 +79,8 @@ class BiEncoderModule(L.LightningModule):
 
     def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
         q, d = embeddings
-        teacher = {"teacher": batch["teacher"]} if "teacher" in batch else {}
-        return self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **teacher)
+        extra = {key: batch[key] for key in ("teacher", "rows") if key in batch}  # rows: see gather_batch
+        return self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **extra)
 
     # under DDP, every process scores against the batch of every process (MoCo's queue already holds every
     # process's keys; RocketQA and the cross-encoder compare a query with its own group only)
@@ -93,17 +93,21 @@ class BiEncoderModule(L.LightningModule):
 
     def gather_batch(self, embeddings: list[torch.Tensor], batch: dict) -> tuple[list[torch.Tensor], dict]:
         """Every process's embeddings, concatenated in rank order, with gradients flowing back to their owners,
-        and the mask and teacher scores of the concatenated batch. Each process then takes the same loss as one
-        process would on the whole batch; its gradient reaches each process's own embeddings summed over the
-        world_size copies, and DDP's averaging of parameter gradients divides that back: the gradient equals
-        the single-process one."""
+        and the mask and teacher scores of the concatenated batch, with ``rows``: this process's queries in it.
+        Each process takes the loss terms of its own queries against the whole batch (its rows of the score
+        matrix, not all of them), and the mean of the processes' losses is the loss one process would take on the
+        whole batch. Each process's gradient reaches every process's embeddings through the gather (summed at
+        their owner), and DDP averages the parameter gradients over the processes: the gradient equals the
+        single-process one."""
         import torch.distributed as dist
 
         gathered = [self.all_gather(e, sync_grads=True).flatten(0, 1) for e in embeddings]
         meta = [None] * self.trainer.world_size
         dist.all_gather_object(meta, (batch["qids"], batch["doc_ids"], batch["positives"]))
         qids, doc_ids, positives = ([x for m in meta for x in m[k]] for k in range(3))
-        out = {**batch, "qids": qids, "doc_ids": doc_ids, "positives": positives,
+        start = sum(len(m[0]) for m in meta[:self.trainer.global_rank])
+        rows = torch.arange(start, start + len(batch["qids"]), device=gathered[0].device)
+        out = {**batch, "qids": qids, "doc_ids": doc_ids, "positives": positives, "rows": rows,
                "mask": false_negative_mask(doc_ids, positives, self.group_size).to(gathered[0].device)}
         if "teacher" in batch:
             out["teacher"] = self.all_gather(batch["teacher"]).flatten(0, 1)
@@ -132,8 +136,12 @@ class BiEncoderModule(L.LightningModule):
             optimizer.step()  # clips first (on_before_optimizer_step)
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["qids"]))
+        # each process's loss is that of its own queries: the logged loss is their mean (under DDP)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["qids"]), sync_dist=self._world() > 1)
         return loss
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
 
     def on_train_start(self) -> None:
         """A run shorter than ``trainer.log_every_n_steps`` would log no training loss at all: it logs at its last
