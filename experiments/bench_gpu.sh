@@ -6,12 +6,14 @@
 # with the GPU (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX import leaves free.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
-# DOCS and SIZES: fewer documents and smaller training batches for a dry run on a CPU (DOCS=64 SIZES="8 16").
+# DOCS, SIZES and DDP_BATCH: fewer documents and smaller batches for a dry run on a CPU (DOCS=64 SIZES="8 16"
+# DDP_BATCH=64).
 set -uo pipefail
 MODEL=${MODEL:-packaged:minilm}
 REPEAT=${REPEAT:-5}
 DOCS=${DOCS:-0}
 SIZES=${SIZES:-512 2048 8192}
+DDP_BATCH=${DDP_BATCH:-2048}  # queries per process in bench_ddp_loss.py (8 processes)
 encode() {
     echo "== python experiments/bench_encode.py --docs $DOCS --repeat $REPEAT $*"
     python experiments/bench_encode.py --model "$MODEL" --docs "$DOCS" --repeat "$REPEAT" "$@" 2>&1 | grep -v "Loading weights"
@@ -39,6 +41,8 @@ encode --dtype bfloat16
 echo "== python experiments/bench_train.py --sizes $SIZES --chunk 1024 --steps 2 --loader-workers 0 2 4 8"
 python experiments/bench_train.py --model "$MODEL" --sizes $SIZES --chunk 1024 --steps 2 --loader-workers 0 2 4 8 2>&1 \
     | grep -v "Loading weights"
+echo "== python experiments/bench_ddp_loss.py --batch $DDP_BATCH --world 8 (one DDP process's loss: every query or its own)"
+python experiments/bench_ddp_loss.py --batch "$DDP_BATCH" --world 8 --repeat "$REPEAT"
 echo "== GPU memory free before and after a BM25 search (bm25s imports JAX, which must stay on the CPU)"
 python - <<'PY'
 import importlib.util

@@ -118,3 +118,12 @@ def test_bench_gil_runs(tiny_model, beir_folder):
                       "--max-length", "16")
     ratios = re.findall(r"tokenising in a (thread|worker process) +launches +([\d.]+)x of alone", out)
     assert [name for name, _ in ratios] == ["thread", "worker process"] and all(float(r) > 0 for _, r in ratios)
+
+
+def test_bench_ddp_loss_runs_and_prints_a_ratio_per_loss():
+    import re
+
+    out = _run_script("bench_ddp_loss.py", "--batch", "16", "--world", "4", "--dim", "8", "--repeat", "1")
+    ratios = re.findall(r"^(.+?) +every query .* ratio +([\d.]+)x$", out, re.M)
+    assert [name for name, _ in ratios] == ["infonce", "infonce, bidirectional", "samtone, both sides"]
+    assert all(float(r) > 0 for _, r in ratios)
