@@ -87,7 +87,7 @@ class BiEncoderModule(L.LightningModule):
     gather_negatives = True
 
     def global_loss(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
-        if self._trainer is not None and self.trainer.world_size > 1 and self.gather_negatives:
+        if self._world() > 1 and self.gather_negatives:
             embeddings, batch = self.gather_batch(embeddings, batch)
         return self.loss_from_embeddings(embeddings, batch)
 
@@ -119,7 +119,7 @@ class BiEncoderModule(L.LightningModule):
         every backward: a query chunk leaves a separate document tower, or RocketQA's ranker, without gradient),
         and the accumulated gradients are then averaged over the processes once (:func:`average_gradients`)."""
         backward = self.manual_backward if self._trainer is not None else torch.Tensor.backward
-        ddp = self._trainer is not None and self.trainer.world_size > 1
+        ddp = self._world() > 1
         with self.trainer.model.no_sync() if ddp and hasattr(self.trainer.model, "no_sync") else nullcontext():
             loss = grad_cached_backward(self.towers(batch), lambda emb: self.global_loss(emb, batch),
                                         self.grad_cache_chunk, backward)
@@ -141,6 +141,7 @@ class BiEncoderModule(L.LightningModule):
         return loss
 
     def _world(self) -> int:
+        """The number of processes training together (1 outside a Trainer)."""
         return self.trainer.world_size if self._trainer is not None else 1
 
     def on_train_start(self) -> None:

@@ -120,7 +120,7 @@ class MoCoModule(BiEncoderModule):
         written at the end of a step holds both."""
         self.momentum_update()
         keys, ids = self._new_keys
-        if self._trainer is not None and self.trainer.world_size > 1:  # every process's, in rank order
+        if self._world() > 1:  # every process's, in rank order
             keys = self.all_gather(keys).flatten(0, 1)
             ids = None if ids is None else self.all_gather(ids).flatten(0, 1)
         self.enqueue(keys, ids)
