@@ -34,9 +34,10 @@ class TorchIndex:
 INDEXES = ("flat", "hnsw", "torch")
 
 
-def check_index(index: str) -> str:
+def check_index(index: str, key: str = "retriever.index") -> str:
     if index not in INDEXES:
-        raise ConfigError(f"retriever.index must be 'flat', 'hnsw' or 'torch', got '{index}'.")
+        names = ", ".join(f"'{name}'" for name in INDEXES[:-1]) + f" or '{INDEXES[-1]}'"
+        raise ConfigError(f"{key} must be {names}, got '{index}'.")
     return index
 
 
