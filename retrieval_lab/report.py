@@ -4,8 +4,9 @@ Every run directory under the folder that holds a ``metrics.json`` is one run; r
 only in ``seed`` form one configuration. For each configuration and metric the table gives mean ± standard
 deviation over seeds, and a paired test over queries (per-query scores averaged over seeds; ranx's paired
 t-test, or with --test fisher a paired randomisation test, scipy's, which is exact for up to 13 queries and seeded
-otherwise) against the baseline configuration marks significant differences. No correction for multiple comparisons
-is made. A job folder without a metrics.json (a failed or unfinished run) and two runs of one configuration with
+otherwise) against the baseline configuration marks significant differences. The p-values of one metric's
+comparisons with the baseline are adjusted by Holm's step-down method (``--correction holm``, the default; ``none``
+keeps them as they are). A job folder without a metrics.json (a failed or unfinished run) and two runs of one configuration with
 the same seed are named in a warning.
 Writes ``report.md``, ``report.csv``, one bar plot per metric and the validation curves (PNG) into ``--out``
 (default ``<folder>/report``).
@@ -27,6 +28,8 @@ from retrieval_lab.retrieval.runfile import atomic_write_text, read_json, read_t
 
 IGNORED = ("seed", "hydra.")
 TESTS = {"student": "paired t-test", "fisher": "Fisher randomisation test"}
+CORRECTIONS = {"holm": "Holm-adjusted over the configurations compared with the baseline on each metric",
+               "none": "no correction for multiple comparisons"}
 
 
 @dataclass
@@ -159,6 +162,17 @@ def significance(baseline: Config, other: Config, metric: str, test: str, max_p:
     return float(p), difference
 
 
+def holm(p_values: list[float]) -> list[float]:
+    """Holm (1979), "A Simple Sequentially Rejective Multiple Test Procedure": with the m p-values sorted,
+    p_(1) <= ... <= p_(m), the k-th becomes max_{j <= k} min(1, (m - j + 1) p_(j)). Rejecting where the adjusted
+    value is <= alpha keeps the chance of any false rejection among the m at most alpha."""
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, i in enumerate(sorted(range(len(p_values)), key=p_values.__getitem__)):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def pick_baseline(configs: list[Config], spec: str | None) -> Config:
     if not spec:
         return configs[0]
@@ -175,8 +189,15 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def tables(configs: list[Config], baseline: Config, metrics: list[str], test: str, max_p: float) -> tuple[str, str]:
+def tables(configs: list[Config], baseline: Config, metrics: list[str], test: str, max_p: float,
+           correction: str = "holm") -> tuple[str, str]:
     keys = list(baseline.label)
+    tested = {(id(c), m): significance(baseline, c, m, test, max_p) for m in metrics for c in configs}
+    adjusted = {}
+    for m in metrics:  # one family per metric: its comparisons with the baseline
+        family = [id(c) for c in configs if tested[id(c), m]]
+        raw = [tested[c, m][0] for c in family]
+        adjusted.update(zip(((c, m) for c in family), holm(raw) if correction == "holm" else raw))
     md = io.StringIO()
     md.write("| " + " | ".join([*keys, "runs", *metrics]) + " |\n|" + " --- |" * (len(keys) + 1 + len(metrics)) + "\n")
     rows = []
@@ -184,19 +205,19 @@ def tables(configs: list[Config], baseline: Config, metrics: list[str], test: st
         cells, row = [], {**c.label, "runs": len(c.runs), "baseline": c is baseline}
         for m in metrics:
             mean, std = mean_std(c.means[m])
-            tested = significance(baseline, c, m, test, max_p)
-            p = tested[0] if tested else None
+            p, p_adjusted = (tested[id(c), m][0], adjusted[id(c), m]) if tested[id(c), m] else (None, None)
             mark = ""
-            if tested and p <= max_p and tested[1] != 0:
-                mark = " ▲" if tested[1] > 0 else " ▼"
+            if p_adjusted is not None and p_adjusted <= max_p and tested[id(c), m][1] != 0:
+                mark = " ▲" if tested[id(c), m][1] > 0 else " ▼"
             cells.append(f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + mark)
-            row.update({f"{m}_mean": round(mean, 6), f"{m}_std": None if std is None else round(std, 6), f"{m}_p": p})
+            row.update({f"{m}_mean": round(mean, 6), f"{m}_std": None if std is None else round(std, 6), f"{m}_p": p,
+                        f"{m}_p_adjusted": p_adjusted})
         name_cells = [*c.label.values()] if c is not baseline else [f"**{v}**" for v in c.label.values()]
         md.write("| " + " | ".join([*name_cells, str(len(c.runs)), *cells]) + " |\n")
         rows.append(row)
     md.write(f"\nBold: the baseline. ▲/▼: significantly better/worse than the baseline ({TESTS[test]} over "
-             f"queries on per-query scores averaged over seeds, p <= {max_p}, no correction for multiple "
-             f"comparisons). Mean ± sample standard deviation over runs (no ± for a single run).\n")
+             f"queries on per-query scores averaged over seeds, p <= {max_p}, {CORRECTIONS[correction]}). "
+             f"Mean ± sample standard deviation over runs (no ± for a single run).\n")
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -251,12 +272,12 @@ def validation_curve(run: Path, key: str = "val/ndcg@10") -> list[tuple[int, flo
 
 
 def report(folder: Path, metrics: list[str], stage: str = "after", baseline: str | None = None,
-           test: str = "student", max_p: float = 0.05, out: Path | None = None) -> Path:
+           test: str = "student", max_p: float = 0.05, out: Path | None = None, correction: str = "holm") -> Path:
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder (give the multirun directory of a sweep).")
     configs = collect(folder, metrics, stage)
     base = pick_baseline(configs, baseline)
-    md, table_csv = tables(configs, base, metrics, test, max_p)
+    md, table_csv = tables(configs, base, metrics, test, max_p, correction)
     out = out or folder / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = plots(configs, metrics, out)
@@ -275,10 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", help='the baseline row, e.g. "loss=infonce negatives=inbatch" (default: first)')
     parser.add_argument("--test", choices=["student", "fisher"], default="student")
     parser.add_argument("--max-p", type=float, default=0.05)
+    parser.add_argument("--correction", choices=list(CORRECTIONS), default="holm",
+                        help="multiple comparisons: Holm's step-down adjustment per metric (default), or none")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        report(args.folder, args.metrics, args.stage, args.baseline, args.test, args.max_p, args.out)
+        report(args.folder, args.metrics, args.stage, args.baseline, args.test, args.max_p, args.out, args.correction)
 
 
 if __name__ == "__main__":

@@ -72,9 +72,12 @@ def test_report_table_matches_hand_computation(sweep):
     expected_p = ttest_rel(averaged["infonce"], averaged["samtone"]).pvalue
     assert float(rows["samtone"]["ndcg@10_p"]) == pytest.approx(expected_p, rel=1e-6)
     assert float(rows["margin"]["ndcg@10_p"]) == 1.0 and rows["infonce"]["ndcg@10_p"] == ""
+    # Holm over the two comparisons: the smaller p doubled, the larger (1.0) kept
+    assert float(rows["samtone"]["ndcg@10_p_adjusted"]) == pytest.approx(2 * expected_p, rel=1e-6)
+    assert float(rows["margin"]["ndcg@10_p_adjusted"]) == 1.0
     md = (out / "report.md").read_text()
     samtone_row = next(line for line in md.splitlines() if line.startswith("| samtone"))
-    assert "▲" in samtone_row and expected_p < 0.05
+    assert "▲" in samtone_row and 2 * expected_p < 0.05
     assert "▲" not in next(line for line in md.splitlines() if line.startswith("| margin"))
     assert (out / "ndcg_at_10.png").stat().st_size > 0 and (out / "validation_curves.png").is_file()
 
@@ -130,6 +133,41 @@ def test_the_mark_follows_the_tested_queries_and_one_run_has_no_deviation():
     rows = list(csv.DictReader(table.splitlines()))
     assert rows[1]["ndcg@10_std"] == ""
     assert float(rows[0]["ndcg@10_std"]) == pytest.approx(statistics.stdev([1, 0.5]), abs=1e-6)
+
+
+def test_holm_adjusts_as_its_step_down_definition():
+    """p = (0.01, 0.04, 0.03, 0.005), m = 4, sorted 0.005, 0.01, 0.03, 0.04: times 4, 3, 2, 1 gives 0.02, 0.03,
+    0.06, 0.04, and each adjusted value is the running maximum: 0.02, 0.03, 0.06, 0.06."""
+    from retrieval_lab.report import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.4, 0.9]) == pytest.approx([0.8, 0.9]) and holm([0.7, 0.6]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == [] and holm([0.02]) == [0.02]
+
+
+def test_two_differences_significant_alone_are_not_once_corrected():
+    """Two configurations each differ from the baseline with a t-test p between 0.025 and 0.05: marked without a
+    correction, not under Holm (the smaller p doubled is above 0.05, and the larger takes the running maximum)."""
+    from retrieval_lab.report import tables
+
+    x = [0.5, 0.6, 0.2, 0.9, 0.4, 0.3, 0.7, 0.1, 0.8, 0.5]
+    ys = {"b": [0.49, 0.61, 0.23, 0.95, 0.4, 0.32, 0.74, 0.09, 0.81, 0.53],
+          "c": [0.49, 0.63, 0.2, 0.94, 0.41, 0.35, 0.72, 0.09, 0.83, 0.5]}
+    raw = {name: ttest_rel(x, y).pvalue for name, y in ys.items()}
+    assert all(0.025 < p < 0.05 for p in raw.values())
+    base = config_with("a", [0.5], {f"q{i}": v for i, v in enumerate(x)})
+    others = [config_with(name, [0.5], {f"q{i}": v for i, v in enumerate(y)}) for name, y in ys.items()]
+    plain, _ = tables([base, *others], base, ["ndcg@10"], "student", 0.05, "none")
+    corrected, table = tables([base, *others], base, ["ndcg@10"], "student", 0.05)
+    def marked(md):
+        return [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ") and "▲" in line]
+
+    assert marked(plain) == ["| b", "| c"] and "no correction" in plain
+    assert marked(corrected) == [] and "Holm-adjusted" in corrected
+    rows = {r["loss"]: r for r in csv.DictReader(table.splitlines())}
+    smaller, larger = sorted(raw.values())
+    assert float(rows["b"]["ndcg@10_p_adjusted"]) == pytest.approx(2 * smaller, rel=1e-6)
+    assert float(rows["c"]["ndcg@10_p_adjusted"]) == pytest.approx(max(2 * smaller, larger), rel=1e-6)
 
 
 def test_the_randomisation_test_is_exact_on_few_queries_and_the_same_every_time():
