@@ -8,6 +8,11 @@ For each loss (InfoNCE, bidirectional InfoNCE, SamToNe on both sides), the forwa
 process (medians of --repeat) on a global batch of --batch x --world queries, and the ratio. Both give the same
 gradient once DDP averages it (tests/test_infonce.py, tests/test_ddp.py). No process group is started: one process
 stands in for each of them.
+
+Then the false-negative mask of the global batch (1% of the queries share their positive with another query),
+as a dense B x B*G tensor (before stop 23) and as its pairs (``FalseNegatives``, now): its size, and the time one
+process takes from the mask to the blocks the losses use (moved to the device; its own rows against every column,
+and SamToNe's queries that share a positive).
 """
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ import time
 
 import torch
 
+from retrieval_lab.data.datamodule import false_negatives
 from retrieval_lab.losses.infonce import InfoNCELoss
-from retrieval_lab.losses.samtone import SamToNeLoss
+from retrieval_lab.losses.samtone import SamToNeLoss, share_a_positive
 
 
 def timed(loss, q, d, group, rows, repeat: int) -> tuple[float, float]:
@@ -36,6 +42,47 @@ def timed(loss, q, d, group, rows, repeat: int) -> tuple[float, float]:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
     return statistics.median(times[1:]), peak
+
+
+def median_seconds(step, device: torch.device, repeat: int) -> float:
+    times = []
+    for _ in range(repeat + 1):  # the first call warms up
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def mask_cost(total: int, group: int, rows: torch.Tensor, device: torch.device, repeat: int) -> None:
+    """Dense mask against pairs: bytes, and seconds from the mask on the CPU to the losses' blocks on the device."""
+    doc_ids = [f"d{i}" if g == 0 else f"n{i}.{g}" for i in range(total) for g in range(group)]
+    positives = [[f"d{i - 1 if i % 100 == 1 else i}"] for i in range(total)]  # every 100th pair shares a positive
+    for i in range(1, total, 100):
+        doc_ids[i * group] = f"d{i - 1}"
+    pairs = false_negatives(doc_ids, positives, group)
+    every = torch.arange(total, device=device)
+    targets = every * group
+
+    def dense():  # the mask and the query side's product as before: every one of the B*G columns
+        mask = torch.zeros(pairs.shape, dtype=torch.bool)
+        mask[pairs.query, pairs.column] = True
+        mask = mask.to(device)
+        judged = mask.clone()
+        judged[every, targets] = True
+        return mask[rows], judged[rows].float() @ judged.float().T > 0
+
+    def sparse():
+        moved = pairs.to(device)
+        return moved.block(rows), share_a_positive(moved, rows, targets)
+
+    (a, b), (c, e) = dense(), sparse()
+    same = torch.equal(a, c) and torch.equal(b & (rows[:, None] != every), e & (rows[:, None] != every))
+    before, now = median_seconds(dense, device, repeat), median_seconds(sparse, device, repeat)
+    print(f"false-negative mask ({len(pairs)} pairs, same blocks: {same})   dense {total * total * group / 2**20:9.1f} "
+          f"MiB {before * 1000:8.1f} ms   pairs {16 * len(pairs) / 2**20:7.3f} MiB {now * 1000:8.1f} ms   "
+          f"ratio {before / now:6.2f}x")
 
 
 def main() -> None:
@@ -62,6 +109,7 @@ def main() -> None:
         own, own_peak = timed(loss, q, d, args.group, rows, args.repeat)
         print(f"{name:24s} every query {every * 1000:8.1f} ms ({every_peak:.2f} GiB)   own queries "
               f"{own * 1000:8.1f} ms ({own_peak:.2f} GiB)   ratio {every / own:6.2f}x")
+    mask_cost(total, args.group, rows, device, args.repeat)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def test_batch_layout_and_false_negative_mask(shared_positive_data):
         assert doc_ids[i] == ex["doc_ids"][0] and doc_ids[i] in pairs.positives[ex["qid"]]
     expected = torch.tensor([[j != i and doc_ids[j] in pairs.positives[q] for j in range(3)]
                              for i, q in enumerate(["q1", "q2", "q3"])])
-    assert torch.equal(batch["mask"], expected)
-    assert not batch["mask"].diagonal().any()  # a query's own target is never masked
+    assert torch.equal(batch["mask"].dense(), expected)
+    assert not batch["mask"].dense().diagonal().any()  # a query's own target is never masked
 
 
 @pytest.mark.parametrize("queries,group", [(1, 1), (7, 1), (16, 3), (64, 4)])
@@ -47,7 +47,7 @@ def test_the_false_negative_mask_follows_its_definition_column_by_column(queries
     several positives: column j is masked for query i when it holds one of i's positives, except i's own target."""
     import random
 
-    from retrieval_lab.data.datamodule import false_negative_mask
+    from retrieval_lab.data.datamodule import false_negatives
 
     rng = random.Random(queries * 10 + group)
     doc_ids = [f"d{rng.randrange(queries * group)}" for _ in range(queries * group)]
@@ -55,7 +55,7 @@ def test_the_false_negative_mask_follows_its_definition_column_by_column(queries
                  for i in range(queries)]
     expected = torch.tensor([[doc_ids[j] in positives[i] and j != i * group for j in range(queries * group)]
                              for i in range(queries)], dtype=torch.bool)
-    assert torch.equal(false_negative_mask(doc_ids, positives, group), expected)
+    assert torch.equal(false_negatives(doc_ids, positives, group).dense(), expected)
 
 
 def test_distillation_masks_every_judged_positive_not_only_the_scored_ones(shared_positive_data):
@@ -72,7 +72,7 @@ def test_distillation_masks_every_judged_positive_not_only_the_scored_ones(share
     assert batch["doc_ids"] == ["d2", "d0", "d1", "d0", "d3", "d0"]
     expected = torch.zeros(3, 6, dtype=torch.bool)
     expected[0, 2] = True  # q1 judges d1: not its negative, though the file scores only d2 for it (q2 judges no d2)
-    assert torch.equal(batch["mask"], expected)
+    assert torch.equal(batch["mask"].dense(), expected)
 
 
 def test_no_negative_can_be_drawn_when_every_document_is_a_positive(tmp_path):
@@ -168,3 +168,33 @@ def test_each_epoch_redraws_examples_under_lightning(tiny_model, shared_positive
         data.sampler.set_epoch(epoch)
         orders.append(list(data.sampler))
     assert orders[0] == orders[2] and sorted(orders[1]) == sorted(orders[0]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("queries,columns", [(1, 1), (6, 6), (9, 27), (32, 64)])
+def test_false_negative_pairs_give_every_block_of_the_dense_mask(queries, columns):
+    """The losses take blocks of the mask (their anchor rows against all columns, or against the positives'
+    columns) from its pairs: each block equals the dense mask indexed by those rows and columns."""
+    from retrieval_lab.losses.scores import FalseNegatives
+
+    generator = torch.Generator().manual_seed(queries + columns)
+    mask = torch.rand(queries, columns, generator=generator) < 0.15
+    pairs = FalseNegatives.of(mask)
+    assert len(pairs) == int(mask.sum()) and torch.equal(pairs.dense(), mask)
+    for _ in range(5):
+        rows = torch.randperm(queries, generator=generator)[: torch.randint(1, queries + 1, (1,), generator=generator)]
+        cols = torch.randperm(columns, generator=generator)[: torch.randint(1, columns + 1, (1,), generator=generator)]
+        assert torch.equal(pairs.block(rows), mask[rows])
+        assert torch.equal(pairs.block(rows, cols), mask[rows][:, cols])
+
+
+def test_lightning_moves_the_false_negative_pairs_with_the_batch():
+    """A batch's ``mask`` is an object, not a tensor: Lightning moves it to the device because it has ``to``."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from retrieval_lab.data.datamodule import false_negatives
+
+    batch = {"mask": false_negatives(["d1", "d2", "d1"], [["d1"], ["d2"], ["d1", "d2"]], 1)}
+    moved = move_data_to_device(batch, torch.device("meta"))["mask"]
+    assert moved.query.device.type == moved.column.device.type == "meta" and moved.shape == (3, 3)
+    assert torch.equal(batch["mask"].dense(), torch.tensor([[False, False, True], [False, False, False],
+                                                            [True, True, False]]))

@@ -102,3 +102,25 @@ def test_query_side_gradient_reaches_other_queries():
 def test_bad_settings_are_refused(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         SamToNeLoss(**kwargs)
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_queries_that_share_a_positive_follow_the_dense_definition(group):
+    """Query r and query j share a positive when some column of the batch is judged by both: masked for them, or
+    their own target. ``share_a_positive`` works on the few columns that two queries judge; the dense product over
+    all B*G columns must agree, for every anchor row set."""
+    from retrieval_lab.losses.samtone import share_a_positive
+    from retrieval_lab.losses.scores import FalseNegatives
+
+    generator = torch.Generator().manual_seed(group)
+    batch = 24
+    mask = torch.rand(batch, batch * group, generator=generator) < 0.05
+    targets = torch.arange(batch) * group
+    mask[torch.arange(batch), targets] = False
+    judged = mask.clone()
+    judged[torch.arange(batch), targets] = True
+    other = ~torch.eye(batch, dtype=torch.bool)
+    expected = (judged.float() @ judged.float().T > 0) & other
+    assert expected.any()  # some distinct queries do share one
+    for rows in (torch.arange(batch), torch.arange(8, 16), torch.tensor([5, 0, 23])):
+        assert torch.equal(share_a_positive(FalseNegatives.of(mask), rows, targets) & other[rows], expected[rows])

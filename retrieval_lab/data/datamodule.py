@@ -9,31 +9,29 @@ from torch.utils.data import DataLoader
 
 from retrieval_lab.data.sampling import EpochSampler
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.scores import FalseNegatives
 from retrieval_lab.retrieval.tokenization import tokenize_padded
 
 
-def false_negative_mask(doc_ids: list[str], positives: list[list[str]], group: int) -> torch.Tensor:
-    """B x B*G, True where column j holds a judged positive of query i other than its own target column i*G.
-    Built from the columns of each document id, in time linear in the batch (a global batch under DDP is built
-    in every step)."""
+def false_negatives(doc_ids: list[str], positives: list[list[str]], group: int) -> FalseNegatives:
+    """The pairs (query i, column j) where column j holds a judged positive of query i other than its own target
+    column i*G (the true entries of the B x B*G mask). Built from the columns of each document id, in time linear
+    in the batch (a global batch under DDP is built in every step)."""
     columns: dict[str, list[int]] = {}
     for j, doc in enumerate(doc_ids):
         columns.setdefault(doc, []).append(j)
-    hits = [(i, j) for i, pos in enumerate(positives) for p in set(pos) for j in columns.get(p, ())]
-    mask = torch.zeros(len(positives), len(doc_ids), dtype=torch.bool)
-    if hits:
-        rows, cols = zip(*hits)
-        mask[list(rows), list(cols)] = True
-    own = torch.arange(len(positives))
-    mask[own, own * group] = False
-    return mask
+    hits = [(i, j) for i, pos in enumerate(positives) for p in set(pos) for j in columns.get(p, ()) if j != i * group]
+    query, column = zip(*hits) if hits else ((), ())
+    return FalseNegatives(torch.tensor(query, dtype=torch.long), torch.tensor(column, dtype=torch.long),
+                          (len(positives), len(doc_ids)))
 
 
 class GroupCollator:
     """Tokenise a list of examples into the batch layout of DESIGN.md.
 
-    ``mask[i, j]`` is True when document column j is a judged positive of query i other than its own target
-    column i*G (the same abstract can be the positive of several queries): such columns are no negatives.
+    ``mask`` (:class:`FalseNegatives`) holds the pairs (i, j) where document column j is a judged positive of query i
+    other than its own target column i*G (the same abstract can be the positive of several queries): such columns
+    are no negatives.
     ``doc_keys`` (B*G) and ``positive_keys`` (B x P, padded with -1) hold the integer identities
     (:meth:`doc_key`) of the document columns and of each query's judged positives, for masks beyond the batch
     (MoCo's queue of past keys).
@@ -59,7 +57,7 @@ class GroupCollator:
         group = len(examples[0]["docs"])
         doc_ids = [d for ex in examples for d in ex["doc_ids"]]
         positives = [sorted(ex["positives"]) for ex in examples]
-        batch = {"mask": false_negative_mask(doc_ids, positives, group), "qids": [ex["qid"] for ex in examples],
+        batch = {"mask": false_negatives(doc_ids, positives, group), "qids": [ex["qid"] for ex in examples],
                  "doc_ids": doc_ids, "positives": positives,
                  "doc_keys": torch.tensor([self.doc_key(d) for d in doc_ids], dtype=torch.long)}
         keys = [[self.doc_key(d) for d in pos] for pos in positives]

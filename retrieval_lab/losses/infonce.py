@@ -13,7 +13,7 @@ and, when ``bidirectional``, the document-to-query term over the positives d+_i 
 
     L_dq = -1/B sum_i log( exp(d+_i . q_i / tau) / sum_k exp(d+_i . q_k / tau) ),
 
-the loss being (L_qd + L_dq) / 2. ``mask`` (B x B*G, True = drop) removes false negatives, e.g. a column
+the loss being (L_qd + L_dq) / 2. ``mask`` (B x B*G, True = drop; or its pairs) removes false negatives, e.g. a column
 that holds another copy of query i's own positive; ``queue_mask`` (B x K) does the same for queue keys.
 """
 from __future__ import annotations
@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval_lab.losses.scores import anchor_rows, check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.scores import FalseNegatives, anchor_rows, check_temperature, contrastive_scores, similarity
 
 
 def document_to_query(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
                       mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """L_dq: the positive document of each anchor query (``rows``) against every query of the batch."""
-    rows = anchor_rows(q, rows)
+    rows, mask = anchor_rows(q, rows), FalseNegatives.of(mask)
     targets = rows * group_size
     reverse = similarity(d[targets], q) / temperature
-    if mask is not None:  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
-        reverse = reverse.masked_fill(mask[:, targets].T, float("-inf"))
+    if mask is not None and len(mask):  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
+        reverse = reverse.masked_fill(mask.block(anchor_rows(q, None), targets).T, float("-inf"))
     return F.cross_entropy(reverse, rows)
 
 

@@ -13,7 +13,7 @@ with embeddings from the *same* tower as the anchor side:
 ``side='query'`` (the paper's default) adds the other queries of the batch, ``side='document'`` the other
 positive documents, ``side='both'`` both; self-similarity is always excluded. ``bidirectional`` adds InfoNCE's
 document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower false negatives are
-dropped like in-batch ones (``mask``, B x B*G): q_i.q_j when the two queries share a judged positive among the
+dropped like in-batch ones (``mask``, B x B*G, or its pairs): q_i.q_j when the two queries share a judged positive among the
 batch's documents (in both rows), d+_i.d+_j when d+_j is a positive of query i; queue keys of a query's positives
 by ``queue_mask`` (B x K).
 """
@@ -25,9 +25,22 @@ from torch import nn
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import document_to_query
-from retrieval_lab.losses.scores import anchor_rows, check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.scores import FalseNegatives, anchor_rows, check_temperature, contrastive_scores, similarity
 
 SIDES = ("query", "document", "both")
+
+
+def share_a_positive(mask: FalseNegatives, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """R x B, True where anchor query ``rows[r]`` and another query j judge a common column of the batch: a column
+    masked for a query, or its own target (entries of a query against itself are left to the caller). Only columns judged by two queries or more can be shared, and they are few (at
+    most the number of masked pairs), so the product runs over those columns only, not over all B*G."""
+    query = torch.cat([mask.query, torch.arange(targets.numel(), device=mask.query.device)])
+    column = torch.cat([mask.column, targets.to(mask.query.device)])
+    shared = torch.bincount(column, minlength=mask.shape[1])[column] > 1
+    columns, index = torch.unique(column[shared], return_inverse=True)
+    judged = torch.zeros(targets.numel(), columns.numel(), device=mask.query.device)
+    judged[query[shared], index] = 1.0
+    return (judged[rows.to(judged.device)] @ judged.T > 0).to(rows.device)
 
 
 class SamToNeLoss(nn.Module):
@@ -41,7 +54,7 @@ class SamToNeLoss(nn.Module):
                 queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask, rows)
-        rows, batch = anchor_rows(q, rows), q.size(0)
+        rows, batch, mask = anchor_rows(q, rows), q.size(0), FalseNegatives.of(mask)
         every = torch.arange(batch, device=q.device)
         # same-tower pairs dropped: (i, i), and where the two queries share a positive among the batch's
         # columns (query side; symmetric), or where d+_j is a positive of query i (document side)
@@ -49,15 +62,11 @@ class SamToNeLoss(nn.Module):
         all_targets = every * group_size
         extra = []
         if self.side in ("query", "both"):
-            drop = eye
-            if mask is not None:
-                judged = mask.clone()
-                judged[every, all_targets] = True  # each query's own target too
-                drop = drop | (judged[rows].float() @ judged.float().T > 0)
+            drop = eye if mask is None else eye | share_a_positive(mask, rows, all_targets)
             extra.append(similarity(q[rows], q).masked_fill(drop, float("-inf")))
         if self.side in ("document", "both"):
             positives = d[all_targets]
-            drop = eye if mask is None else eye | mask[rows][:, all_targets]  # [r, j]: d+_j a positive of query r
+            drop = eye if mask is None else eye | mask.block(rows, all_targets)  # [r, j]: d+_j a positive of query r
             extra.append(similarity(positives[rows], positives).masked_fill(drop, float("-inf")))
         scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
         loss = F.cross_entropy(scores, targets)

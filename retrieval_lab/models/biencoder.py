@@ -7,7 +7,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from retrieval_lab.data.datamodule import false_negative_mask
+from retrieval_lab.data.datamodule import false_negatives
 from retrieval_lab.models.grad_cache import grad_cached_backward
 from retrieval_lab.retrieval.dense import DenseRetriever
 
@@ -108,7 +108,7 @@ class BiEncoderModule(L.LightningModule):
         start = sum(len(m[0]) for m in meta[:self.trainer.global_rank])
         rows = torch.arange(start, start + len(batch["qids"]), device=gathered[0].device)
         out = {**batch, "qids": qids, "doc_ids": doc_ids, "positives": positives, "rows": rows,
-               "mask": false_negative_mask(doc_ids, positives, self.group_size).to(gathered[0].device)}
+               "mask": false_negatives(doc_ids, positives, self.group_size).to(gathered[0].device)}
         if "teacher" in batch:
             out["teacher"] = self.all_gather(batch["teacher"]).flatten(0, 1)
         return gathered, out
