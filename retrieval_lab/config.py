@@ -202,7 +202,7 @@ def check_train_config(cfg: DictConfig) -> None:
                 "negatives=bm25, tas or tasb with a scored file.")
 
         saved = read_saved_settings(cfg.model.name_or_path) or {}  # a model saved by training keeps its towers
-        require(cfg, "model.shared_towers", cfg.model.shared_towers and saved.get("shared_towers", True),
+        require(cfg, "model.shared_towers", cfg.model.get("shared_towers") is not False and saved.get("shared_towers", True),
                 "cannot train with negatives=moco: the momentum key encoder follows the query tower, so a separate "
                 "document tower would never be trained.")
         require(cfg, "loss.side", cfg.loss.get("side", "query") == "query",

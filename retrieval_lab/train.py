@@ -26,6 +26,7 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
+from retrieval_lab.models.encoder import DEFAULTS
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import read_json, write_json
 from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
@@ -186,6 +187,9 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
 
 # settings added after some checkpoints were written: the new key -> the older setting its value came from then
 ADDED_SETTINGS = {"data.split_seed": "seed"}  # until stop 20, the dev carve and validation's sample followed seed
+# model settings whose config value became null (a saved folder's own value, else the default) at stop 23: a
+# checkpoint written before holds the default written out, which is what null gives a model that was not saved
+NULLED_SETTINGS = {f"model.{key}": repr(value) for key, value in DEFAULTS.items()}
 
 
 def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
@@ -203,6 +207,8 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
         saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
                  **saved}
         now = run_settings(cfg)
+        saved.update({key: "None" for key, value in saved.items()
+                      if NULLED_SETTINGS.get(key) == value and now.get(key) == "None"})
         changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
                    for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
         if changed:

@@ -222,6 +222,9 @@ def test_a_conflicting_architecture_argument_is_ignored_with_a_warning(tiny_mode
         loaded = Encoder(str(tmp_path / "m"), projection_dim=32, query_max_length=10)
     assert loaded.dim == 16 and loaded.query_max_length == 10  # a max length is the caller's to choose
     assert torch.allclose(embeddings(loaded)[1], embeddings(original)[1], atol=1e-6)
+    # a value given that equals the default of an unsaved model is still a value given: warned too
+    with pytest.warns(UserWarning, match=r"model.pooling=mean is ignored: .*retrieval_lab.json says pooling=cls"):
+        assert Encoder(str(tmp_path / "m"), pooling="mean").pooling == "cls"
 
 
 def test_a_damaged_saved_folder_is_one_clear_error(tiny_model, tmp_path):

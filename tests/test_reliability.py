@@ -211,6 +211,24 @@ def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(
         check_resumable(str(path), compose_train(["seed=7"]))
 
 
+def test_a_checkpoint_from_before_null_model_settings_resumes(tmp_path):
+    """Until stop 23 the model config wrote its defaults out (model.pooling: mean); now it leaves them null (the saved
+    folder's value, else the default). A checkpoint holding the old defaults resumes under the new config, and one
+    holding another value (cls) is still refused."""
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.train import check_resumable, run_settings
+
+    cfg = compose_train([])
+    assert run_settings(cfg)["model.pooling"] == "None"
+    old = {**run_settings(cfg), "model.pooling": "'mean'", "model.normalize": "True", "model.doc_max_length": "256"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"global_step": 5, "retrieval_lab_settings": old}, path)
+    assert check_resumable(str(path), cfg) == 5
+    torch.save({"global_step": 5, "retrieval_lab_settings": {**old, "model.pooling": "'cls'"}}, path)
+    with pytest.raises(ConfigError, match=r"other settings \(model.pooling: 'cls' -> None\)"):
+        check_resumable(str(path), cfg)
+
+
 class EpochTagged(torch.utils.data.Dataset):
     """Example i of epoch e is (i, e): what a batch holds shows the order and the epoch the dataset was at."""
 

@@ -9,9 +9,10 @@ the hub cannot be reached) or a local folder works;
 
 A folder written by ``Encoder.save`` (it holds ``retrieval_lab.json``) loads back as the encoder that was saved:
 its pooling, normalisation, projection (weights from ``2_Dense``) and towers (``query/`` and ``doc/`` when
-separate) win over the constructor's arguments. An argument left at its default (what ``conf/model/minilm.yaml``
-passes) defers silently; any other conflicting value is ignored with a warning naming the key. The saved max
-lengths apply unless the caller sets other values than the defaults.
+separate) win over the constructor's arguments. An argument left unset (None, what ``conf/model/minilm.yaml``
+passes) takes the saved value, else the default of ``DEFAULTS``; a value given that differs from the saved one is
+ignored with a warning naming the key (``model.pooling=mean`` for a folder saved with cls pooling too). The saved
+max lengths apply unless the caller gives max lengths.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ POOLINGS = ("mean", "cls")
 SAVED_SETTINGS = "retrieval_lab.json"  # written by Encoder.save
 ARCHITECTURE = ("pooling", "normalize", "shared_towers", "projection_dim")  # a saved folder's values always win
 DEFAULTS = {"pooling": "mean", "normalize": True, "shared_towers": True, "projection_dim": None,
-            "query_max_length": 64, "doc_max_length": 256}  # Encoder's defaults, also conf/model/minilm.yaml's
+            "query_max_length": 64, "doc_max_length": 256}  # what an unset (None) argument of Encoder becomes
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -172,13 +173,13 @@ def _apply_saved(args: dict, saved: dict, file: Path) -> dict:
     """The constructor's arguments with a saved folder's settings applied (see the module docstring)."""
     args = dict(args)
     for key in ARCHITECTURE:
-        if args[key] != saved[key] and args[key] != DEFAULTS[key]:
+        if args[key] is not None and args[key] != saved[key]:
             warnings.warn(f"model.{key}={args[key]} is ignored: {file} says {key}={saved[key]}, and a saved model "
                           f"is loaded as it was trained.", stacklevel=3)
         args[key] = saved[key]
     for key in ("query_max_length", "doc_max_length"):
-        if args[key] == DEFAULTS[key] and saved.get(key) is not None:
-            args[key] = saved[key]
+        if args[key] is None:
+            args[key] = saved.get(key)
     return args
 
 
@@ -205,9 +206,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 class Encoder(nn.Module):
-    def __init__(self, name_or_path: str = "packaged:minilm", pooling: str = "mean", normalize: bool = True,
-                 shared_towers: bool = True, projection_dim: int | None = None,
-                 query_max_length: int = 64, doc_max_length: int = 256, random_init: dict | None = None):
+    def __init__(self, name_or_path: str = "packaged:minilm", pooling: str | None = None,
+                 normalize: bool | None = None, shared_towers: bool | None = None, projection_dim: int | None = None,
+                 query_max_length: int | None = None, doc_max_length: int | None = None,
+                 random_init: dict | None = None):
+        """Every argument but ``name_or_path`` and ``random_init`` may be None: a saved folder's value, else
+        ``DEFAULTS``'s (see the module docstring)."""
         super().__init__()
         self.name_or_path = str(name_or_path)
         args = {"pooling": pooling, "normalize": normalize, "shared_towers": shared_towers,
@@ -216,6 +220,7 @@ class Encoder(nn.Module):
         folder = Path(self.name_or_path).expanduser()
         if saved is not None:
             args = _apply_saved(args, saved, folder / SAVED_SETTINGS)
+        args = {key: DEFAULTS[key] if value is None else value for key, value in args.items()}
         if args["pooling"] not in POOLINGS:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{args['pooling']}'.")
         self.pooling, self.normalize, self.shared_towers = args["pooling"], args["normalize"], args["shared_towers"]
