@@ -127,3 +127,4 @@ def test_bench_ddp_loss_runs_and_prints_a_ratio_per_loss():
     ratios = re.findall(r"^(.+?) +every query .* ratio +([\d.]+)x$", out, re.M)
     assert [name for name, _ in ratios] == ["infonce", "infonce, bidirectional", "samtone, both sides"]
     assert all(float(r) > 0 for _, r in ratios)
+    assert re.search(r"^false-negative mask \(\d+ pairs, same blocks: True\) .* ratio +[\d.]+x$", out, re.M)
