@@ -201,10 +201,14 @@ def check_train_config(cfg: DictConfig) -> None:
                 "which negatives=moco does not use (its negatives are the queue of momentum keys); use "
                 "negatives=bm25, tas or tasb with a scored file.")
 
+        why = ("the momentum key encoder follows the query tower, so a separate document tower would never be "
+               "trained.")
+        towers = cfg.model.get("shared_towers")
+        require(cfg, "model.shared_towers", towers is None or bool(towers), f"cannot train with negatives=moco: {why}")
         saved = read_saved_settings(cfg.model.name_or_path) or {}  # a model saved by training keeps its towers
-        require(cfg, "model.shared_towers", cfg.model.get("shared_towers") is not False and saved.get("shared_towers", True),
-                "cannot train with negatives=moco: the momentum key encoder follows the query tower, so a separate "
-                "document tower would never be trained.")
+        if not saved.get("shared_towers", True):
+            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} was saved with separate query and document "
+                              f"towers, so it cannot train with negatives=moco: {why}")
         require(cfg, "loss.side", cfg.loss.get("side", "query") == "query",
                 "cannot train with negatives=moco: document-side same-tower negatives would be momentum keys, "
                 "which carry no gradient; use loss.side=query.")

@@ -26,7 +26,7 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.ance import AnceRefresh
-from retrieval_lab.models.encoder import DEFAULTS
+from retrieval_lab.models.encoder import effective_settings
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import read_json, write_json
 from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
@@ -172,6 +172,15 @@ RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "train
                      "logger.", "save_model")
 
 
+def resolved_config(cfg: DictConfig) -> dict:
+    """The config as a dict, with the encoder's effective settings where the model config leaves them null (a saved
+    folder's value, else the default; :func:`retrieval_lab.models.encoder.effective_settings`)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.model._target_.endswith(".Encoder"):
+        resolved["model"].update(effective_settings(cfg.model.name_or_path, resolved["model"]))
+    return resolved
+
+
 def run_settings(cfg: DictConfig) -> dict[str, str]:
     """The resolved settings that define what a run trains (dotted key -> value), written into its checkpoints."""
     def flatten(value, prefix: str = ""):
@@ -181,15 +190,11 @@ def run_settings(cfg: DictConfig) -> dict[str, str]:
         else:
             yield prefix[:-1], repr(value)
 
-    return {key: value for key, value in flatten(OmegaConf.to_container(cfg, resolve=True))
-            if not key.startswith(RESUMABLE_CHANGES)}
+    return {key: value for key, value in flatten(resolved_config(cfg)) if not key.startswith(RESUMABLE_CHANGES)}
 
 
 # settings added after some checkpoints were written: the new key -> the older setting its value came from then
 ADDED_SETTINGS = {"data.split_seed": "seed"}  # until stop 20, the dev carve and validation's sample followed seed
-# model settings whose config value became null (a saved folder's own value, else the default) at stop 23: a
-# checkpoint written before holds the default written out, which is what null gives a model that was not saved
-NULLED_SETTINGS = {f"model.{key}": repr(value) for key, value in DEFAULTS.items()}
 
 
 def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
@@ -207,8 +212,6 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
         saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
                  **saved}
         now = run_settings(cfg)
-        saved.update({key: "None" for key, value in saved.items()
-                      if NULLED_SETTINGS.get(key) == value and now.get(key) == "None"})
         changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
                    for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
         if changed:
@@ -307,7 +310,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     commit = config.git_commit()  # the code as it was when the run started
     info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}
-    hparams = {**OmegaConf.to_container(cfg, resolve=True), "git": info, **hydra_job()}  # choices: W&B columns
+    hparams = {**resolved_config(cfg), "git": info, **hydra_job()}  # choices: W&B columns
     first = is_first_process()
     if first:
         if checkpoint is None:

@@ -49,11 +49,24 @@ def test_the_users_own_command(tiny_model, beir_folder, tmp_path):
     (["negatives=moco", "loss=samtone", "loss.side=document"], "loss.side"),
     (["negatives=moco", "loss=samtone", "loss.side=both"], "loss.side"),
     (["negatives=moco", "model.shared_towers=false"], "model.shared_towers"),
+    (["negatives=moco", "model.shared_towers=0"], "model.shared_towers"),
     (["negatives=moco", "negatives.module.momentum=1.0"], "negatives.module.momentum"),
 ])
 def test_combinations_that_make_no_sense_are_refused(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.check_train_config(compose_train(overrides))
+
+
+def test_moco_refuses_a_folder_saved_with_separate_towers_naming_the_folder(tiny_model, tmp_path):
+    """model.shared_towers left null takes the saved folder's towers: separate ones cannot train with MoCo, and the
+    sentence says the folder was saved so (not that the user set the key)."""
+    from retrieval_lab.models.encoder import Encoder
+
+    Encoder(str(tiny_model), shared_towers=False).save(tmp_path / "m")
+    cfg = compose_train(["negatives=moco", f"model.name_or_path={tmp_path / 'm'}"])
+    with pytest.raises(ConfigError, match=r"^model.name_or_path=.*/m was saved with separate query and document "
+                                          r"towers, so it cannot train with negatives=moco"):
+        config.check_train_config(cfg)
 
 
 @pytest.mark.parametrize("negatives,extra", [("bm25", ["negatives.group_size=3"]), ("tas", []), ("tasb", []),

@@ -211,22 +211,31 @@ def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(
         check_resumable(str(path), compose_train(["seed=7"]))
 
 
-def test_a_checkpoint_from_before_null_model_settings_resumes(tmp_path):
-    """Until stop 23 the model config wrote its defaults out (model.pooling: mean); now it leaves them null (the saved
-    folder's value, else the default). A checkpoint holding the old defaults resumes under the new config, and one
-    holding another value (cls) is still refused."""
+def test_checkpoints_hold_the_encoder_settings_in_effect_not_the_configs_nulls(tmp_path, tiny_model):
+    """The model config leaves pooling, max lengths, ... null: a saved folder's value, else the default. Checkpoints
+    (and run_info.json) hold the values in effect. So a checkpoint from before stop 23, which holds the defaults
+    written out, resumes; and a run on a folder saved with doc_max_length 12 is refused when resumed with an
+    explicit doc_max_length=256 (before, the written-out default could not be told from null)."""
     from retrieval_lab.errors import ConfigError
+    from retrieval_lab.models.encoder import Encoder
     from retrieval_lab.train import check_resumable, run_settings
 
     cfg = compose_train([])
-    assert run_settings(cfg)["model.pooling"] == "None"
-    old = {**run_settings(cfg), "model.pooling": "'mean'", "model.normalize": "True", "model.doc_max_length": "256"}
+    assert run_settings(cfg)["model.pooling"] == "'mean'" and run_settings(cfg)["model.doc_max_length"] == "256"
     path = tmp_path / "old.ckpt"
-    torch.save({"global_step": 5, "retrieval_lab_settings": old}, path)
+    torch.save({"global_step": 5, "retrieval_lab_settings": run_settings(cfg)}, path)
     assert check_resumable(str(path), cfg) == 5
-    torch.save({"global_step": 5, "retrieval_lab_settings": {**old, "model.pooling": "'cls'"}}, path)
-    with pytest.raises(ConfigError, match=r"other settings \(model.pooling: 'cls' -> None\)"):
+    torch.save({"global_step": 5, "retrieval_lab_settings": {**run_settings(cfg), "model.pooling": "'cls'"}}, path)
+    with pytest.raises(ConfigError, match=r"other settings \(model.pooling: 'cls' -> 'mean'\)"):
         check_resumable(str(path), cfg)
+
+    Encoder(str(tiny_model), doc_max_length=12).save(tmp_path / "m")
+    saved_folder = compose_train([f"model.name_or_path={tmp_path / 'm'}"])
+    assert run_settings(saved_folder)["model.doc_max_length"] == "12"
+    torch.save({"global_step": 5, "retrieval_lab_settings": run_settings(saved_folder)}, path)
+    assert check_resumable(str(path), saved_folder) == 5
+    with pytest.raises(ConfigError, match=r"other settings \(model.doc_max_length: 12 -> 256\)"):
+        check_resumable(str(path), compose_train([f"model.name_or_path={tmp_path / 'm'}", "model.doc_max_length=256"]))
 
 
 class EpochTagged(torch.utils.data.Dataset):

@@ -40,6 +40,9 @@ def test_train_writes_metrics_runs_and_logs(train_run):
     assert list((run_dir / "wandb").glob("offline-run-*")), "an offline W&B run is recorded"
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["batch_size"] == 8 and "commit" in info["git"]
+    # the encoder settings in effect, not the model config's nulls (a tiny model, not a saved folder: the defaults)
+    assert {k: info["model"][k] for k in ("pooling", "normalize", "shared_towers", "doc_max_length")} == \
+           {"pooling": "mean", "normalize": True, "shared_towers": True, "doc_max_length": 256}
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
