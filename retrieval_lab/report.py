@@ -6,8 +6,8 @@ deviation over seeds, and a paired test over queries (per-query scores averaged 
 t-test, or with --test fisher a paired randomisation test, scipy's, which is exact for up to 13 queries and seeded
 otherwise) against the baseline configuration marks significant differences. The p-values of one metric's
 comparisons with the baseline are adjusted by Holm's step-down method (``--correction holm``, the default; ``none``
-keeps them as they are). A job folder without a metrics.json (a failed or unfinished run) and two runs of one configuration with
-the same seed are named in a warning.
+keeps them as they are). A job folder without a metrics.json (a failed or unfinished run) and two runs of one
+configuration with the same seed are named in a warning.
 Writes ``report.md``, ``report.csv``, one bar plot per metric and the validation curves (PNG) into ``--out``
 (default ``<folder>/report``).
 """

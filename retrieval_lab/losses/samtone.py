@@ -13,9 +13,9 @@ with embeddings from the *same* tower as the anchor side:
 ``side='query'`` (the paper's default) adds the other queries of the batch, ``side='document'`` the other
 positive documents, ``side='both'`` both; self-similarity is always excluded. ``bidirectional`` adds InfoNCE's
 document-to-query term, averaged as in :mod:`retrieval_lab.losses.infonce`. Same-tower false negatives are
-dropped like in-batch ones (``mask``, B x B*G, or its pairs): q_i.q_j when the two queries share a judged positive among the
-batch's documents (in both rows), d+_i.d+_j when d+_j is a positive of query i; queue keys of a query's positives
-by ``queue_mask`` (B x K).
+dropped like in-batch ones (``mask``, B x B*G, or its pairs): q_i.q_j when the two queries share a judged positive
+among the batch's documents (in both rows), d+_i.d+_j when d+_j is a positive of query i; queue keys of a query's
+positives by ``queue_mask`` (B x K).
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ SIDES = ("query", "document", "both")
 
 def share_a_positive(mask: FalseNegatives, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """R x B, True where anchor query ``rows[r]`` and another query j judge a common column of the batch: a column
-    masked for a query, or its own target (entries of a query against itself are left to the caller). Only columns judged by two queries or more can be shared, and they are few (at
-    most the number of masked pairs), so the product runs over those columns only, not over all B*G."""
+    masked for a query, or its own target (entries of a query against itself are left to the caller). Only columns
+    judged by two queries or more can be shared, and they are few (at most the number of masked pairs), so the
+    product runs over those columns only, not over all B*G."""
     query = torch.cat([mask.query, torch.arange(targets.numel(), device=mask.query.device)])
     column = torch.cat([mask.column, targets.to(mask.query.device)])
     shared = torch.bincount(column, minlength=mask.shape[1])[column] > 1

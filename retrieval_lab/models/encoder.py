@@ -224,9 +224,9 @@ class Encoder(nn.Module):
         ``DEFAULTS``'s (see the module docstring)."""
         super().__init__()
         self.name_or_path = str(name_or_path)
-        args = effective_settings(self.name_or_path, {
-            "pooling": pooling, "normalize": normalize, "shared_towers": shared_towers, "projection_dim": projection_dim,
-            "query_max_length": query_max_length, "doc_max_length": doc_max_length}, warn=True)
+        given = {"pooling": pooling, "normalize": normalize, "shared_towers": shared_towers,
+                 "projection_dim": projection_dim, "query_max_length": query_max_length, "doc_max_length": doc_max_length}
+        args = effective_settings(self.name_or_path, given, warn=True)
         saved = read_saved_settings(self.name_or_path)
         folder = Path(self.name_or_path).expanduser()
         if args["pooling"] not in POOLINGS:
