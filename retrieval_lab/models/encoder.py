@@ -169,28 +169,28 @@ def read_saved_settings(name_or_path: str) -> dict | None:
     return saved
 
 
-def _apply_saved(args: dict, saved: dict, file: Path, warn: bool = True) -> dict:
-    """The constructor's arguments with a saved folder's settings applied (see the module docstring)."""
-    args = dict(args)
-    for key in ARCHITECTURE:
-        if warn and args[key] is not None and args[key] != saved[key]:
-            warnings.warn(f"model.{key}={args[key]} is ignored: {file} says {key}={saved[key]}, and a saved model "
-                          f"is loaded as it was trained.", stacklevel=4)
-        args[key] = saved[key]
-    for key in ("query_max_length", "doc_max_length"):
-        if args[key] is None:
-            args[key] = saved.get(key)
-    return args
+def _settings(args: dict, saved: dict | None, file: Path, warn: bool) -> dict:
+    """The values of ``DEFAULTS``' keys for the constructor's arguments ``args``: a saved folder's settings applied
+    (see the module docstring), then the defaults for what is still unset."""
+    args = {key: args.get(key) for key in DEFAULTS}
+    if saved is not None:
+        for key in ARCHITECTURE:
+            if warn and args[key] is not None and args[key] != saved[key]:
+                warnings.warn(f"model.{key}={args[key]} is ignored: {file} says {key}={saved[key]}, and a saved "
+                              f"model is loaded as it was trained.", stacklevel=3)
+            args[key] = saved[key]
+        for key in ("query_max_length", "doc_max_length"):
+            if args[key] is None:
+                args[key] = saved.get(key)
+    return {key: DEFAULTS[key] if value is None else value for key, value in args.items()}
 
 
-def effective_settings(name_or_path: str, args: dict, warn: bool = False) -> dict:
+def effective_settings(name_or_path: str, args: dict) -> dict:
     """The values of ``DEFAULTS``' keys an ``Encoder(name_or_path, **args)`` uses: a saved folder's, the arguments
     given, else the defaults (run_info.json, W&B and the resume check record these, not the config's nulls)."""
-    args = {key: args.get(key) for key in DEFAULTS}
-    saved = read_saved_settings(str(name_or_path))
-    if saved is not None:
-        args = _apply_saved(args, saved, Path(str(name_or_path)).expanduser() / SAVED_SETTINGS, warn)
-    return {key: DEFAULTS[key] if value is None else value for key, value in args.items()}
+    name_or_path = str(name_or_path)
+    return _settings(args, read_saved_settings(name_or_path), Path(name_or_path).expanduser() / SAVED_SETTINGS,
+                     warn=False)
 
 
 def _load_projection(projection: nn.Linear, folder: Path) -> None:
@@ -226,9 +226,9 @@ class Encoder(nn.Module):
         self.name_or_path = str(name_or_path)
         given = {"pooling": pooling, "normalize": normalize, "shared_towers": shared_towers,
                  "projection_dim": projection_dim, "query_max_length": query_max_length, "doc_max_length": doc_max_length}
-        args = effective_settings(self.name_or_path, given, warn=True)
         saved = read_saved_settings(self.name_or_path)
         folder = Path(self.name_or_path).expanduser()
+        args = _settings(given, saved, folder / SAVED_SETTINGS, warn=True)
         if args["pooling"] not in POOLINGS:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{args['pooling']}'.")
         self.pooling, self.normalize, self.shared_towers = args["pooling"], args["normalize"], args["shared_towers"]
