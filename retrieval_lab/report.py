@@ -205,10 +205,11 @@ def tables(configs: list[Config], baseline: Config, metrics: list[str], test: st
         cells, row = [], {**c.label, "runs": len(c.runs), "baseline": c is baseline}
         for m in metrics:
             mean, std = mean_std(c.means[m])
-            p, p_adjusted = (tested[id(c), m][0], adjusted[id(c), m]) if tested[id(c), m] else (None, None)
+            result = tested[id(c), m]  # (p, difference) or None
+            p, p_adjusted = (result[0], adjusted[id(c), m]) if result else (None, None)
             mark = ""
-            if p_adjusted is not None and p_adjusted <= max_p and tested[id(c), m][1] != 0:
-                mark = " ▲" if tested[id(c), m][1] > 0 else " ▼"
+            if result and p_adjusted <= max_p and result[1] != 0:
+                mark = " ▲" if result[1] > 0 else " ▼"
             cells.append(f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "") + mark)
             row.update({f"{m}_mean": round(mean, 6), f"{m}_std": None if std is None else round(std, 6), f"{m}_p": p,
                         f"{m}_p_adjusted": p_adjusted})
