@@ -1,8 +1,7 @@
 """Lightning callbacks and plugins: retrieval validation on the dev split during training; stopping on a
-non-finite loss or gradient; atomic checkpoint files."""
+non-finite loss or gradient; atomic checkpoint files read without running code."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from retrieval_lab.data.beir import BeirSplit
 from retrieval_lab.errors import UserError
+from retrieval_lab.files import atomic_write, load_checkpoint
 from retrieval_lab.retrieval.evaluation import retrieve_split
 from retrieval_lab.retrieval.metrics import evaluate_run
 
@@ -102,14 +102,15 @@ class NumericGuard(L.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary name and renamed: a crash while writing leaves the previous one intact."""
+    """Checkpoints written beside their final name and renamed (:func:`retrieval_lab.files.atomic_write`: a crash or
+    a full disk leaves the previous one intact and no temporary file), and read without running code
+    (:func:`retrieval_lab.files.load_checkpoint`)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint(path, "resume")
 
 
 class ExactResume(L.Callback):

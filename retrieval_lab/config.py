@@ -166,6 +166,12 @@ def check_train_config(cfg: DictConfig) -> None:
         require(cfg, key, value is None or isinstance(value, int), "must be a whole number (or null).")
     require(cfg, "trainer.max_epochs", (epochs or 0) >= 1 or (steps or 0) > 0,
             "leaves nothing to train (set trainer.max_epochs >= 1 or trainer.max_steps > 0).")
+    require(cfg, "trainer.max_steps", steps != 0, "trains nothing, so the pretrained weights would be saved and "
+            "reported as the trained model (set trainer.max_steps > 0, or -1 for no step limit).")
+    limit = cfg.trainer.get("limit_train_batches")
+    require(cfg, "trainer.limit_train_batches", limit is None or (not isinstance(limit, bool) and
+            isinstance(limit, (int, float)) and limit > 0), "trains on no batch (a fraction in (0, 1], a number of "
+            "batches, or null for all).")
     if cfg.validation.enabled:
         require(cfg, "validation.every_n_epochs", isinstance(cfg.validation.every_n_epochs, int)
                 and cfg.validation.every_n_epochs >= 1, "must be 1 or more (or validation.enabled=false).")

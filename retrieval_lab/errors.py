@@ -1,6 +1,7 @@
 """User-facing errors: one sentence that names the file, line or config key at fault."""
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import contextmanager
 
@@ -31,14 +32,31 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+# what the machine says when an output cannot be written: no space, a read-only or forbidden folder, a path under a file
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+
+
+def find_unwritable(err: BaseException | None) -> OSError | None:
+    """The OSError of an output that could not be written behind ``err`` (a library's own write, e.g. a logger's)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in UNWRITABLE:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextmanager
 def exit_on_user_error():
-    """Turn a UserError into one line on stderr and exit status 2 (no stack trace)."""
+    """Turn a UserError, or an output the machine refused to write, into one line on stderr and exit status 2 (no
+    stack trace)."""
     try:
         yield
     except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is None:
+        user_error, unwritable = find_user_error(err), find_unwritable(err)
+        if user_error is None and unwritable is None:
             raise
+        if user_error is None:
+            where = f" {unwritable.filename}" if unwritable.filename else " an output"
+            user_error = f"could not write{where} ({unwritable.strerror}); the run stopped there."
         print(f"error: {user_error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -24,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from retrieval_lab.errors import DataError, exit_on_user_error, warn
-from retrieval_lab.retrieval.runfile import atomic_write_text, read_json, read_trec_run
+from retrieval_lab.files import atomic_write_text
+from retrieval_lab.retrieval.runfile import read_json, read_trec_run
 
 IGNORED = ("seed", "hydra.")
 TESTS = {"student": "paired t-test", "fisher": "Fisher randomisation test"}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -24,12 +23,14 @@ from retrieval_lab.data.beir import BeirDataset, BeirSplit, Qrels, carve_dev
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
-from retrieval_lab.errors import ConfigError, exit_on_user_error
+from retrieval_lab.errors import ConfigError, UserError, exit_on_user_error
+from retrieval_lab.files import atomic_save_folder, load_checkpoint
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.models.encoder import effective_settings
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import read_json, write_json
 from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
+from retrieval_lab.run_folder import is_first_process
 
 
 def hydra_job() -> dict:
@@ -201,12 +202,8 @@ def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
     """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
     temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
     finished, report as its own)."""
-    try:
-        state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)
-        step = int(state["global_step"])
-    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, ... for a file of another kind
-        raise ConfigError(f"resume={cfg.resume}: {checkpoint} is not a training checkpoint (torch.load could not "
-                          f"read it: {type(err).__name__}).") from None
+    state = load_checkpoint(checkpoint, f"resume={cfg.resume}", mmap=True)
+    step = int(state["global_step"])
     saved = state.get("retrieval_lab_settings")
     if saved is not None:
         saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
@@ -248,27 +245,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
                                              index=cfg.eval.index,
                                              ignore_identical_ids=cfg.eval.ignore_identical_ids))
     return callbacks
-
-
-def is_first_process() -> bool:
-    """Whether this is the first process of a (possibly) distributed run, known before Lightning sets one up:
-    torchrun sets RANK, SLURM sets SLURM_PROCID, and Lightning's own launcher starts the other processes of a
-    machine with LOCAL_RANK and the other machines with NODE_RANK. Only the first process evaluates and writes
-    the run's outputs; the others only train."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if name in os.environ:
-            return int(os.environ[name]) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
-def save_atomically(model, folder: Path) -> None:
-    """Write the model to ``<folder>.partial`` and rename it: a crash while saving never leaves a complete-looking
-    model folder."""
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save(partial)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)
 
 
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -336,7 +312,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                           callbacks=build_callbacks(cfg, run_dir, dataset, datamodule.train_set, dev_qrels,
                                                     logging=bool(loggers)))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     fit = {"fit_seconds": round(time.perf_counter() - start, 1)}
     if not trainer.is_global_zero:  # DDP: the first process saves, evaluates and writes the outputs
         return {}
@@ -344,12 +320,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         print(f"the run in {run_dir} had finished (step {resume_step}): its outputs are as they were (a larger "
               f"trainer.max_steps or max_epochs continues it, resume=null starts it afresh)")
         return {stage: earlier[stage] for stage in ("before", "after") if stage in earlier}
+    if trainer.global_step == 0:  # else the pretrained weights would be saved and reported as the trained model
+        raise UserError(f"training took no optimiser step ({len(datamodule.train_set)} training examples, "
+                        f"trainer.max_steps={cfg.trainer.max_steps}, trainer.max_epochs={cfg.trainer.max_epochs}), so "
+                        f"there is no trained model: nothing was saved and no 'after' metrics were written.")
     if torch.cuda.is_available():
         fit["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if cfg.save_model:
-        save_atomically(encoder, run_dir / "model")
+        atomic_save_folder(run_dir / "model", encoder.save)
         if getattr(module, "cross_encoder", None) is not None:  # RocketQA-v2 trains a ranker too
-            save_atomically(module.cross_encoder, run_dir / "cross_encoder")
+            atomic_save_folder(run_dir / "cross_encoder", module.cross_encoder.save)
     if cfg.eval.after:
         results["after"] = test_eval("after")
     for logger in trainer.loggers:

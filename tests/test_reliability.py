@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from retrieval_lab.callbacks import AtomicCheckpointIO, NumericFault
+from retrieval_lab.files import OutputError
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.train import train
 from conftest import run_module
@@ -158,9 +159,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=f"could not write {path} \\(disk full\\); what was written before it is as it"):
         io.save_checkpoint({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(2))  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # and the failed write left nothing
 
 
 def test_epoch_end_checkpoints_and_a_resume_with_other_settings(tiny_model, beir_folder, tmp_path):

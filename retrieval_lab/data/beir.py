@@ -74,6 +74,9 @@ def _id_of(record: dict, path: Path, lineno: int) -> str:
     value = record["_id"]
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
         raise DataError(f"{path} line {lineno} has an empty or non-scalar '_id' ({value!r}).")
+    if str(value).split() != [str(value)]:  # a TREC run line is split at white space
+        raise DataError(f"{path} line {lineno}: id {str(value)!r} holds white space, which TREC run files (and "
+                        f"trec_eval) cannot hold; rename it.")
     return str(value)
 
 

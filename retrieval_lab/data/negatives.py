@@ -61,7 +61,7 @@ def read_negatives(path: str | Path, dataset: BeirDataset, qrels: Qrels | None =
 
 
 def write_negatives(path: str | Path, records: dict[str, QueryNegatives]) -> None:
-    from retrieval_lab.retrieval.runfile import atomic_write_text
+    from retrieval_lab.files import atomic_write_text
 
     lines = [json.dumps({"qid": q, "pos": r.pos, "neg": r.neg, "scores": r.scores}) for q, r in records.items()]
     atomic_write_text(path, "\n".join(lines) + "\n")

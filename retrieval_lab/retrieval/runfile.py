@@ -2,23 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from retrieval_lab.data.beir import read_lines
 from retrieval_lab.errors import DataError
+from retrieval_lab.files import atomic_write_text
 from retrieval_lab.retrieval.metrics import ranked
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_json(path: str | Path, data) -> None:
@@ -30,6 +19,10 @@ def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str 
     descending). Scores are written with every digit (Python's shortest round-trip form). trec_eval keeps scores
     as 32-bit floats, so dense and BM25 scores (float32 values) reach it exactly, with the ties and order of the
     evaluation in memory; 6 decimals used to tie scores a few float32 steps apart."""
+    for name in [tag, *run, *(doc for docs in run.values() for doc in docs)]:
+        if name.split() != [name]:  # empty, or holding white space: its line would not have 6 fields
+            raise DataError(f"{path} not written: {name!r} is empty or holds white space, which a TREC run line "
+                            f"cannot hold.")
     lines = []
     for qid in sorted(run):
         order = ranked(run[qid])

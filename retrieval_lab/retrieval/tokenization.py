@@ -467,6 +467,7 @@ class TokenCache:
                 np.savez(partial, order=order, flat=ids.flat, offsets=ids.offsets)
                 os.replace(partial, file)
             except OSError as err:  # the encoding goes on without it
+                partial.unlink(missing_ok=True)
                 warnings.warn(f"tokenised texts could not be written to {file} ({err}).")
 
 

@@ -1,0 +1,80 @@
+"""A run never ends "successfully" with a number that means nothing: training that takes no step is refused (before it
+starts where the settings say so, after the fit where only the fit can tell), and ids that would break the run file
+are refused where they are read."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_module
+
+
+def train(tiny_model, beir_folder, run_dir, *extra):
+    return run_module("retrieval_lab.train", "data=beir", f"data.path={beir_folder}", f"model.name_or_path={tiny_model}",
+                      "logger=csv", "batch_size=4", "validation.enabled=false", "trainer.enable_progress_bar=false",
+                      f"hydra.run.dir={run_dir}", *extra)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("trainer.max_steps=0", "error: trainer.max_steps=0 trains nothing, so the pretrained weights would be saved and "
+                            "reported as the trained model (set trainer.max_steps > 0, or -1 for no step limit)."),
+    ("+trainer.limit_train_batches=0", "error: trainer.limit_train_batches=0 trains on no batch (a fraction in (0, 1], "
+                                       "a number of batches, or null for all)."),
+])
+def test_settings_that_train_nothing_are_refused_before_anything_runs(setting, message, tiny_model, beir_folder,
+                                                                      tmp_path):
+    result = train(tiny_model, beir_folder, tmp_path / "run", setting)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "run" / "before").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_fit_that_takes_no_step_saves_no_model_and_reports_no_after(tiny_model, beir_folder, tmp_path):
+    """Only the fit can tell here (a time limit reached before the first step): the 'before' figures stay on disk, but
+    no model folder and no metrics.json claim a trained model."""
+    result = train(tiny_model, beir_folder, tmp_path / "run", "+trainer.max_time=00:00:00:00", "eval.corpus_sample=20")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training took no optimiser step (40 training "
+                                                             "examples, trainer.max_steps=-1, trainer.max_epochs=3)")
+    assert (tmp_path / "run" / "before" / "run.trec").is_file()
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "after").exists()
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("file,record,message", [
+    ("corpus.jsonl", {"_id": "d 1", "title": "t", "text": "x"}, "id 'd 1' holds white space"),
+    ("corpus.jsonl", {"_id": "d\t2", "text": "x"}, "id 'd\\\\t2' holds white space"),
+    ("queries.jsonl", {"_id": "q 1", "text": "a query"}, "id 'q 1' holds white space"),
+])
+def test_ids_with_white_space_are_refused_where_they_are_read(file, record, message, beir_folder, tmp_path):
+    import shutil
+
+    from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.errors import DataError
+
+    folder = tmp_path / "beir"
+    shutil.copytree(beir_folder, folder)
+    lines = (folder / file).read_text().splitlines()
+    (folder / file).write_text("\n".join(lines[:3] + [json.dumps(record)] + lines[3:]) + "\n")
+    with pytest.raises(DataError, match=rf"^{folder / file} line 4: {message}, which TREC run files \(and trec_eval\) "
+                                        r"cannot hold; rename it\.$"):
+        BeirDataset(folder).split("test")
+
+
+def test_a_run_file_is_never_written_with_a_line_trec_tools_cannot_read(tmp_path):
+    """A run built elsewhere (a fusion of other files, a user's own retriever) with such an id or tag is refused, and
+    an earlier run file at the path stays; every line written has the 6 fields trec_eval reads."""
+    from retrieval_lab.errors import DataError
+    from retrieval_lab.retrieval.runfile import read_trec_run, write_trec_run
+
+    path = tmp_path / "run.trec"
+    write_trec_run({"q1": {"d1": 0.5, "d2": 0.25}}, path)
+    earlier = path.read_bytes()
+    assert all(len(line.split()) == 6 for line in earlier.decode().splitlines())
+    for run, tag in (({"q 1": {"d1": 1.0}}, "t"), ({"q1": {"d 1": 1.0}}, "t"), ({"q1": {"d1": 1.0}}, "my run"),
+                     ({"q1": {"": 1.0}}, "t")):
+        with pytest.raises(DataError, match=f"^{path} not written: .* is empty or holds white space"):
+            write_trec_run(run, path, tag=tag)
+        assert path.read_bytes() == earlier
+    assert read_trec_run(path) == {"q1": {"d1": 0.5, "d2": 0.25}}
