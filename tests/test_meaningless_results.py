@@ -78,3 +78,28 @@ def test_a_run_file_is_never_written_with_a_line_trec_tools_cannot_read(tmp_path
             write_trec_run(run, path, tag=tag)
         assert path.read_bytes() == earlier
     assert read_trec_run(path) == {"q1": {"d1": 0.5, "d2": 0.25}}
+
+
+def test_non_finite_embeddings_or_scores_are_refused_not_ranked(tiny_model, beir_folder):
+    """A model whose layer norms hold NaN embeds every text as NaN: the search would return an arbitrary order and a
+    near-zero nDCG; it stops with one sentence naming the first text instead. The same for re-ranking scores."""
+    import torch
+
+    from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.errors import UserError
+    from retrieval_lab.models.encoder import Encoder
+    from retrieval_lab.retrieval.dense import DenseRetriever, refuse_non_finite
+
+    split = BeirDataset(beir_folder).split("test")
+    encoder = Encoder(str(tiny_model))
+    with torch.no_grad():
+        for name, weight in encoder.named_parameters():
+            if "LayerNorm" in name:  # e.g. weights broken by an fp16 overflow in training
+                weight.fill_(float("nan"))
+    retriever = DenseRetriever(encoder, batch_size=16, device="cpu", progress=False, tokenize_processes=0)
+    with pytest.raises(UserError, match=r"^the model gave non-finite document embeddings for 60 of 60 \(the first: "
+                                        r"'d0'\), which would rank them arbitrarily"):
+        retriever.retrieve(split.corpus, split.queries, 10)
+    with pytest.raises(UserError, match=r"non-finite re-ranking scores for 1 of 3 \(the first: 'q2 d7'\)"):
+        refuse_non_finite([0.5, float("inf"), 0.1], ["q1 d1", "q2 d7", "q3 d3"], "re-ranking scores")
+    refuse_non_finite(torch.ones(3, 4).numpy(), ["a", "b", "c"], "embeddings")  # finite: nothing to say

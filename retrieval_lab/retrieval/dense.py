@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from retrieval_lab.data.beir import Document
-from retrieval_lab.errors import ConfigError
+from retrieval_lab.errors import ConfigError, UserError
 from retrieval_lab.retrieval.encoding import encode_texts, pick_device
 from retrieval_lab.retrieval.tokenization import PROCESSES, worker_plan
 
@@ -29,6 +29,19 @@ class TorchIndex:
             scores.append(top.values.cpu())
             ids.append(top.indices.cpu())
         return torch.cat(scores).numpy(), torch.cat(ids).numpy()
+
+
+def refuse_non_finite(values, names: list[str], what: str) -> None:
+    """A UserError when any row of ``values`` (embeddings, or scores) is NaN or infinite: a search or re-ranking with
+    them would order those texts arbitrarily and still report a metric."""
+    if not len(names):
+        return
+    rows = np.asarray(values, dtype=np.float32).reshape(len(names), -1)
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise UserError(f"the model gave non-finite {what} for {len(bad)} of {len(names)} (the first: "
+                        f"{names[bad[0]]!r}), which would rank them arbitrarily; check its weights, or encode in a "
+                        f"wider precision (float32).")
 
 
 INDEXES = ("flat", "hnsw", "torch")
@@ -139,11 +152,13 @@ class DenseRetriever:
         # sharded, every process returns or every process raises: the blocks between collectives fail together
         with fail_together(self.group, world > 1):  # a process that fails to encode its share fails them all
             doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
+            refuse_non_finite(doc_emb, doc_ids[rank::world], "document embeddings")
         if world > 1:
             doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         with fail_together(self.group, world > 1):
             query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
+            refuse_non_finite(query_emb, qids, "query embeddings")
             index = build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
             scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}

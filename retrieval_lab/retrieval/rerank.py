@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from retrieval_lab.data.beir import Document
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.retrieval.dense import refuse_non_finite
 from retrieval_lab.retrieval.encoding import pick_device
 from retrieval_lab.retrieval.metrics import ranked
 
@@ -27,6 +28,7 @@ class Reranker:
                  for doc_id, _ in ranked(docs)[:self.depth]]
         scores = self.cross_encoder.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs],
                                           self.batch_size, self.device, self.progress)
+        refuse_non_finite(scores, [f"{q} {d}" for q, d in pairs], "re-ranking scores")
         run: dict[str, dict[str, float]] = {qid: {} for qid in queries}
         for (qid, doc_id), score in zip(pairs, scores):
             run[qid][doc_id] = score
