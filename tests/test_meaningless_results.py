@@ -103,3 +103,20 @@ def test_non_finite_embeddings_or_scores_are_refused_not_ranked(tiny_model, beir
     with pytest.raises(UserError, match=r"non-finite re-ranking scores for 1 of 3 \(the first: 'q2 d7'\)"):
         refuse_non_finite([0.5, float("inf"), 0.1], ["q1 d1", "q2 d7", "q3 d3"], "re-ranking scores")
     refuse_non_finite(torch.ones(3, 4).numpy(), ["a", "b", "c"], "embeddings")  # finite: nothing to say
+
+
+def test_outputs_hold_no_number_other_readers_refuse(tmp_path):
+    """Python writes NaN into JSON as ``NaN`` (outside the standard: jq, JavaScript and others refuse the file) and into
+    a run file as ``nan``: both are refused, naming the key or the pair, and the earlier file stays."""
+    from retrieval_lab.errors import DataError
+    from retrieval_lab.retrieval.runfile import write_json, write_trec_run
+
+    write_json(tmp_path / "metrics.json", {"after": {"ndcg@10": 0.5}})
+    with pytest.raises(DataError, match=r"metrics.json not written: after.ndcg@10 is nan, which is no number"):
+        write_json(tmp_path / "metrics.json", {"after": {"ndcg@10": float("nan")}, "steps": 3})
+    with pytest.raises(DataError, match=r"not written: runs\[1\] is inf"):
+        write_json(tmp_path / "metrics.json", {"runs": [1.0, float("inf")]})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"after": {"ndcg@10": 0.5}}
+    with pytest.raises(DataError, match=r"run.trec not written: the score of 'd2' for 'q1' is nan, which orders"):
+        write_trec_run({"q1": {"d1": 1.0, "d2": float("nan")}}, tmp_path / "run.trec")
+    assert not (tmp_path / "run.trec").exists()

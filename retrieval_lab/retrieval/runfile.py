@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from retrieval_lab.data.beir import read_lines
@@ -11,6 +12,20 @@ from retrieval_lab.retrieval.metrics import ranked
 
 
 def write_json(path: str | Path, data) -> None:
+    """``data`` as JSON that every reader takes: a NaN or infinite number (which Python would write as ``NaN``, outside
+    the JSON standard) is refused, naming its key."""
+    def finite(value, key: str) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                finite(item, f"{key}.{name}" if key else str(name))
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                finite(item, f"{key}[{index}]")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{path} not written: {key} is {value}, which is no number a JSON reader takes (a metric "
+                            f"over no query, or a broken model).")
+
+    finite(data, "")
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -23,6 +38,11 @@ def write_trec_run(run: dict[str, dict[str, float]], path: str | Path, tag: str 
         if name.split() != [name]:  # empty, or holding white space: its line would not have 6 fields
             raise DataError(f"{path} not written: {name!r} is empty or holds white space, which a TREC run line "
                             f"cannot hold.")
+    for qid, docs in run.items():
+        for doc, score in docs.items():
+            if not math.isfinite(score):
+                raise DataError(f"{path} not written: the score of {doc!r} for {qid!r} is {score}, which orders "
+                                f"nothing.")
     lines = []
     for qid in sorted(run):
         order = ranked(run[qid])
