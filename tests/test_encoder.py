@@ -239,3 +239,53 @@ def test_a_damaged_saved_folder_is_one_clear_error(tiny_model, tmp_path):
     settings.write_text("{")
     with pytest.raises(ConfigError, match=r"retrieval_lab.json could not be read as JSON"):
         Encoder(str(tmp_path / "m"))
+
+
+# ---- each setting of Encoder and CrossEncoder is checked when the model is built, in one sentence ----
+BAD_COUNTS = [("abc", "abc"), (-5, "-5"), (0, "0"), (2.5, "2.5"), (True, "true")]  # (value, as the message shows it)
+
+
+@pytest.mark.parametrize("key", ["query_max_length", "doc_max_length", "projection_dim"])
+@pytest.mark.parametrize("value,shown", BAD_COUNTS, ids=str)
+def test_a_length_that_is_not_a_positive_whole_number_is_refused(key, value, shown):
+    with pytest.raises(ConfigError) as err:
+        Encoder("packaged:minilm", **{key: value})
+    assert str(err.value) == f"model.{key} must be a positive whole number or null, got '{shown}'."
+
+
+@pytest.mark.parametrize("value,shown", BAD_COUNTS + [(None, "null")], ids=str)
+def test_a_cross_encoder_length_that_is_not_a_positive_whole_number_is_refused(value, shown):
+    from retrieval_lab.models.cross_encoder import CrossEncoder
+
+    with pytest.raises(ConfigError) as err:
+        CrossEncoder("packaged:minilm", max_length=value)
+    assert str(err.value) == f"the cross-encoder's max_length must be a positive whole number, got '{shown}'."
+
+
+@pytest.mark.parametrize("key", ["normalize", "shared_towers"])
+def test_a_switch_that_is_not_true_or_false_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"^model.{key} must be true or false or null, got 'abc'.$"):
+        Encoder("packaged:minilm", **{key: "abc"})
+
+
+@pytest.mark.parametrize("override", ["model.doc_max_length=abc", "model.query_max_length=-5",
+                                      "model.doc_max_length=0", "model.query_max_length=2.5",
+                                      "model.doc_max_length=true", "model.projection_dim=abc"])
+def test_a_bad_length_on_the_command_line_is_one_sentence(override):
+    """As Hydra hands the values over (a word as a string, true as a bool, 2.5 as a float)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from retrieval_lab.errors import find_user_error
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[override])
+    key, value = override.split("=")
+    with pytest.raises(Exception) as err:
+        instantiate(cfg.model)
+    assert str(find_user_error(err.value)) == f"{key} must be a positive whole number or null, got '{value}'."
+
+
+def test_null_lengths_take_the_defaults(tiny_model):
+    enc = Encoder(str(tiny_model), query_max_length=None, doc_max_length=None, projection_dim=None)
+    assert (enc.query_max_length, enc.doc_max_length, enc.projection) == (64, 256, None)

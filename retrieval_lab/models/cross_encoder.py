@@ -14,36 +14,42 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from retrieval_lab.errors import ConfigError
+from retrieval_lab.errors import ConfigError, warn
 from retrieval_lab.models.biencoder import BiEncoderModule
-from retrieval_lab.models.encoder import _from_pretrained, load_tokenizer
+from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights, refuse_new_weights,
+                                          require_whole)
 
 
 class CrossEncoder(nn.Module):
     def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 320, random_init: dict | None = None):
+        """A saved cross-encoder, or any encoder (a bi-encoder, a base model) whose score head then starts at random
+        (``random_head``, told in one warning); a model any of whose encoder weights would start at random is
+        refused. ``max_length`` is a positive whole number."""
         super().__init__()
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
+        require_whole("the cross-encoder's max_length", max_length)
         self.name_or_path, self.max_length = str(name_or_path), max_length
+        self.tokenizer = load_tokenizer(self.name_or_path)
         config = _from_pretrained(AutoConfig, self.name_or_path, "the config of model")
         config.num_labels = 1
+        self.random_head = True
         if random_init is None:
-            from transformers.utils import logging as hf_logging
-
-            level = hf_logging.get_verbosity()
-            hf_logging.set_verbosity_error()  # a bi-encoder checkpoint has no classifier head: it starts random
-            try:
-                self.model = _from_pretrained(AutoModelForSequenceClassification, self.name_or_path, "model",
-                                              config=config)
-            finally:
-                hf_logging.set_verbosity(level)
+            self.model, new = load_weights(AutoModelForSequenceClassification, self.name_or_path, config=config)
+            # the encoder's weights lie under base_model_prefix; the rest (and a BERT pooler) are the score head
+            prefix = f"{self.model.base_model_prefix}." if self.model.base_model is not self.model else ""
+            refuse_new_weights(self.name_or_path, [k for k in new if k.startswith(prefix) and not is_pooler(k)],
+                               "encoder")
+            self.random_head = bool(new)
+            if new:
+                warn(f"model '{self.name_or_path}' has no score head that fits a cross-encoder: a new one starts at "
+                     f"random ({', '.join(new)}), so its scores mean nothing until it is trained.")
         else:
             for key, value in dict(random_init).items():
                 if not hasattr(config, key):
                     raise ConfigError(f"random_init.{key} is not a field of the {config.model_type} config.")
                 setattr(config, key, value)
             self.model = AutoModelForSequenceClassification.from_config(config)
-        self.tokenizer = load_tokenizer(self.name_or_path)
         self.train()
 
     def tokenize(self, queries: list[str], docs: list[str]):

@@ -13,6 +13,10 @@ separate) win over the constructor's arguments. An argument left unset (None, wh
 passes) takes the saved value, else the default of ``DEFAULTS``; a value given that differs from the saved one is
 ignored with a warning naming the key (``model.pooling=mean`` for a folder saved with cls pooling too). The saved
 max lengths apply unless the caller gives max lengths.
+
+A model is refused in one sentence when it cannot give a meaningful encoder or loading it would run code: a folder
+without its tokenizer files (``load_tokenizer``), weight files that leave any weight of the encoder but its pooler
+at random (``_load_backbone``), custom code or a pickle that does not load as plain tensors (``_from_pretrained``).
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ import functools
 import importlib.util
 import json
 import os
+import pickle
 import socket
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from retrieval_lab.errors import ConfigError
@@ -82,31 +88,88 @@ def unreachable_hub() -> str | None:
 
 
 def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
+    """``auto_class.from_pretrained`` of a model name or path, never running code from the model's files: no custom
+    code (``auto_map``) is trusted, and transformers reads a pickle of weights (``pytorch_model.bin``) as plain
+    tensors only (``weights_only``); a pickle that does not load so is refused."""
     path = resolve_model_path(name_or_path)
     offline = None if Path(path).is_dir() else unreachable_hub()
     try:
-        loaded = auto_class.from_pretrained(path, **kwargs, **({"local_files_only": True} if offline else {}))
+        loaded = auto_class.from_pretrained(path, trust_remote_code=False, **kwargs,
+                                            **({"local_files_only": True} if offline else {}))
     except OSError as err:
         if offline:
             raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, it is not in the "
                               f"Hugging Face cache, and the hub ({offline}) cannot be reached.") from None
         raise ConfigError(f"could not load {what} '{name_or_path}': no such local folder, and the hub has no such "
                           f"model or cannot be reached ({str(err).splitlines()[0]}).") from None
+    except SafetensorError as err:
+        raise ConfigError(f"the weight files of model '{name_or_path}' could not be read as safetensors "
+                          f"({str(err).splitlines()[0]}).") from None
+    except pickle.UnpicklingError:
+        raise ConfigError(f"the weights of model '{name_or_path}' (a pickle, pytorch_model.bin) do not load as plain "
+                          f"tensors, and anything else in a pickle could run code: save them as "
+                          f"model.safetensors.") from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(f"model '{name_or_path}' needs custom code from its own files (auto_map in its config), "
+                          f"which is never run.") from None
     # weights stored in half precision (transformers loads them as stored) are trained and kept in float32;
     # mixed precision casts on the fly
+    if isinstance(loaded, tuple):  # (model, loading info)
+        return loaded[0].float(), loaded[1]
     return loaded.float() if isinstance(loaded, nn.Module) else loaded
 
 
-def load_tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
+def load_weights(auto_class, name_or_path: str, **kwargs) -> tuple[nn.Module, list[str]]:
+    """The model ``auto_class`` loads (see ``_from_pretrained``), and the names of its weights that transformers
+    initialised at random because the weight files lack them or hold them in another shape, sorted. Transformers'
+    own report of those is left out: the caller judges them."""
+    from transformers.utils import logging as hf_logging
 
-    return _from_pretrained(AutoTokenizer, name_or_path, "the tokenizer of model")
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = _from_pretrained(auto_class, name_or_path, "model", output_loading_info=True,
+                                       ignore_mismatched_sizes=True, weights_only=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(level)
+    return model, sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+
+
+def refuse_new_weights(name_or_path: str, new: list[str], where: str) -> None:
+    """Refuse a model whose ``where`` (e.g. "encoder") has weights that would start at random (``new``): weight
+    files saved under other names or from another architecture than the config's."""
+    if new:
+        shown = ", ".join(new[:3]) + (", ..." if len(new) > 3 else "")
+        raise ConfigError(f"the weight files of model '{name_or_path}' do not fit its config: {len(new)} of the "
+                          f"{where}'s weights would start at random, missing from them or of another shape there "
+                          f"({shown}).")
+
+
+def is_pooler(key: str) -> bool:
+    return "pooler" in key.split(".")
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model, refused when its vocabulary holds fewer than half the ``vocab_size`` of the model's
+    config: transformers builds a tokenizer of a few special tokens for a folder without tokenizer files
+    (``tokenizer.json``, ``vocab.txt`` or the like), and a model fed those ids sees no text. A config without a
+    ``vocab_size`` is not checked."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = _from_pretrained(AutoConfig, name_or_path, "model")  # first: a model that is not there is named so
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, "the tokenizer of model")
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab_size, int) and len(tokenizer) < vocab_size / 2:
+        raise ConfigError(f"model '{name_or_path}' lacks the tokenizer files that fit it (tokenizer.json, vocab.txt "
+                          f"or the like): the tokenizer found has {len(tokenizer)} tokens, the config's vocab_size "
+                          f"is {vocab_size}.")
+    return tokenizer
 
 
 def _lacks_pooler(path: str) -> bool:
     """True for a local safetensors folder with no pooler weights (the folders ``Encoder.save`` writes)."""
-    import json
-
     folder = Path(path)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -114,26 +177,31 @@ def _lacks_pooler(path: str) -> bool:
     elif (folder / "model.safetensors").is_file():
         from safetensors import safe_open
 
-        with safe_open(str(folder / "model.safetensors"), "pt") as weights:
-            keys = list(weights.keys())
+        try:
+            with safe_open(str(folder / "model.safetensors"), "pt") as weights:
+                keys = list(weights.keys())
+        except SafetensorError:
+            return False  # loading the model names the damaged file
     else:
         return False
-    return not any(key.split(".")[0] == "pooler" or ".pooler." in key for key in keys)
+    return not any(is_pooler(key) for key in keys)
 
 
 def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Module:
     """The pretrained model, or with ``random_init`` a randomly initialised one of the same architecture whose
-    config fields (e.g. num_hidden_layers, hidden_size) are overridden by ``random_init``."""
+    config fields (e.g. num_hidden_layers, hidden_size) are overridden by ``random_init``. A pretrained model any of
+    whose weights but the pooler's (dropped) would start at random is refused."""
     from transformers import AutoConfig, AutoModel
 
     if random_init is None:
         # a folder we saved has no pooler (dropped below): loading it without one spares a "newly initialised
-        # pooler" report that would look like a broken model
+        # pooler" entry in transformers' report
         no_pooler = {"add_pooling_layer": False} if _lacks_pooler(resolve_model_path(name_or_path)) else {}
         try:
-            model = _from_pretrained(AutoModel, name_or_path, "model", **no_pooler)
+            model, new = load_weights(AutoModel, name_or_path, **no_pooler)
         except TypeError:  # an architecture without that argument
-            model = _from_pretrained(AutoModel, name_or_path, "model")
+            model, new = load_weights(AutoModel, name_or_path)
+        refuse_new_weights(name_or_path, [key for key in new if not is_pooler(key)], "encoder")
     else:
         config = _from_pretrained(AutoConfig, name_or_path, "the config of model")
         for key, value in dict(random_init).items():
@@ -145,6 +213,25 @@ def _load_backbone(name_or_path: str, random_init: dict | None = None) -> nn.Mod
         # BERT-style poolers feed no loss here (we pool the last hidden state); unused parameters break DDP
         model.pooler = None
     return model
+
+
+def require_whole(key: str, value, nullable: bool = False) -> None:
+    """Refuse ``value`` unless it is a whole number above zero (or None where ``nullable``), naming ``key``."""
+    if (value is None and nullable) or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return
+    raise ConfigError(f"{key} must be a positive whole number{' or null' if nullable else ''}, got '{_shown(value)}'.")
+
+
+def require_bool(key: str, value, nullable: bool = False) -> None:
+    """Refuse ``value`` unless it is true or false (or None where ``nullable``), naming ``key``."""
+    if (value is None and nullable) or isinstance(value, bool):
+        return
+    raise ConfigError(f"{key} must be true or false{' or null' if nullable else ''}, got '{_shown(value)}'.")
+
+
+def _shown(value) -> str:
+    """A value as the config spells it (true, false, null)."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
 def read_saved_settings(name_or_path: str) -> dict | None:
@@ -166,7 +253,16 @@ def read_saved_settings(name_or_path: str) -> dict | None:
             raise ConfigError(f"{file} has no key '{key}'.")
     if saved["pooling"] not in POOLINGS:
         raise ConfigError(f"{file}: pooling must be one of {', '.join(POOLINGS)}, got '{saved['pooling']}'.")
+    _check_types(saved, f"{file}: ")
     return saved
+
+
+def _check_types(settings: dict, prefix: str) -> None:
+    """Refuse a setting of the wrong type among ``DEFAULTS``' keys but pooling, naming it as ``prefix`` + key."""
+    for key in ("normalize", "shared_towers"):
+        require_bool(prefix + key, settings.get(key), nullable=True)
+    for key in ("projection_dim", "query_max_length", "doc_max_length"):
+        require_whole(prefix + key, settings.get(key), nullable=True)
 
 
 def _settings(args: dict, saved: dict | None, file: Path, warn: bool) -> dict:
@@ -194,13 +290,16 @@ def effective_settings(name_or_path: str, args: dict) -> dict:
 
 
 def _load_projection(projection: nn.Linear, folder: Path) -> None:
-    """The weights of a projection saved as sentence-transformers' ``2_Dense`` module."""
+    """The weights of a projection saved as sentence-transformers' ``2_Dense`` module (safetensors: no code runs)."""
     from safetensors.torch import load_file
 
     file = folder / "2_Dense" / "model.safetensors"
     if not file.is_file():
         raise ConfigError(f"{file} is missing, though {SAVED_SETTINGS} gives the model a projection (projection_dim).")
-    weights = load_file(str(file))
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{file} could not be read as safetensors ({str(err).splitlines()[0]}).") from None
     try:
         projection.load_state_dict({"weight": weights["linear.weight"], "bias": weights["linear.bias"]})
     except (KeyError, RuntimeError) as err:
@@ -221,11 +320,13 @@ class Encoder(nn.Module):
                  query_max_length: int | None = None, doc_max_length: int | None = None,
                  random_init: dict | None = None):
         """Every argument but ``name_or_path`` and ``random_init`` may be None: a saved folder's value, else
-        ``DEFAULTS``'s (see the module docstring)."""
+        ``DEFAULTS``'s (see the module docstring). Lengths and ``projection_dim`` are positive whole numbers,
+        ``normalize`` and ``shared_towers`` booleans; anything else is refused naming its key (``model.<key>``)."""
         super().__init__()
         self.name_or_path = str(name_or_path)
         given = {"pooling": pooling, "normalize": normalize, "shared_towers": shared_towers,
                  "projection_dim": projection_dim, "query_max_length": query_max_length, "doc_max_length": doc_max_length}
+        _check_types(given, "model.")
         saved = read_saved_settings(self.name_or_path)
         folder = Path(self.name_or_path).expanduser()
         args = _settings(given, saved, folder / SAVED_SETTINGS, warn=True)
@@ -236,6 +337,7 @@ class Encoder(nn.Module):
         # a saved folder with separate towers holds one model folder per tower (see save)
         separate_saved = saved is not None and not self.shared_towers
         query_path = str(folder / "query") if separate_saved else self.name_or_path
+        self.tokenizer = load_tokenizer(query_path)
         self.query_model = _load_backbone(query_path, random_init)
         if self.shared_towers:
             self.doc_model = None
@@ -247,7 +349,6 @@ class Encoder(nn.Module):
         self.projection = nn.Linear(hidden, args["projection_dim"]) if args["projection_dim"] else None
         if self.projection is not None and saved is not None and random_init is None:
             _load_projection(self.projection, folder / "query" if separate_saved else folder)  # each tower holds it
-        self.tokenizer = load_tokenizer(query_path)
         self.train()  # from_pretrained returns eval mode; training wants dropout on (Lightning keeps the mode it finds)
 
     @property
