@@ -50,7 +50,10 @@ def evaluate(cfg: DictConfig) -> dict:
     if isinstance(retriever, HybridRetriever) and retriever.method == "linear" and retriever.alpha is None:
         retriever.dev = dev_split(dataset, cfg)
     if cfg.get("reranker"):
+        from retrieval_lab.models.cross_encoder import require_trained_head
+
         retriever = instantiate(cfg.reranker)(first_stage=retriever)
+        require_trained_head(retriever.cross_encoder, "reranker.cross_encoder.name_or_path")
         name = f"{name}+{Path(cfg.reranker._target_).suffix.lstrip('.')}"
     scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name,
                                 ignore_identical_ids=cfg.ignore_identical_ids)

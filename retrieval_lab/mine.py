@@ -40,9 +40,10 @@ def mine(cfg: DictConfig) -> Path:
     run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
     mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
     if cfg.denoise.cross_encoder:
-        from retrieval_lab.models.cross_encoder import CrossEncoder
+        from retrieval_lab.models.cross_encoder import CrossEncoder, require_trained_head
 
         teacher = CrossEncoder(cfg.denoise.cross_encoder, cfg.denoise.max_length)
+        require_trained_head(teacher, "denoise.cross_encoder")
         mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin,
                                  cfg.denoise.batch_size, pick_device("auto"))
         print(f"denoising with {cfg.denoise.cross_encoder} dropped {dropped} candidates as likely positives")

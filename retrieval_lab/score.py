@@ -18,6 +18,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.negatives import read_negatives, write_negatives
 from retrieval_lab.errors import ConfigError, exit_on_user_error
 from retrieval_lab.mining.negatives import score_negatives
+from retrieval_lab.models.cross_encoder import require_trained_head
 from retrieval_lab.models.encoder import resolve_model_path
 from retrieval_lab.retrieval.encoding import pick_device
 
@@ -37,6 +38,7 @@ def score(cfg: DictConfig) -> Path:
     split = cfg.get("split")
     records = read_negatives(cfg.input, dataset, dataset.qrels(split) if split else None)
     teacher = instantiate(cfg.model)
+    require_trained_head(teacher, "model.name_or_path")
     device = pick_device(cfg.device)
     teacher.to(device)
     scored = score_negatives(records, dataset.queries, dataset.corpus, teacher, cfg.batch_size, device)

@@ -120,3 +120,29 @@ def test_outputs_hold_no_number_other_readers_refuse(tmp_path):
     with pytest.raises(DataError, match=r"run.trec not written: the score of 'd2' for 'q1' is nan, which orders"):
         write_trec_run({"q1": {"d1": 1.0, "d2": float("nan")}}, tmp_path / "run.trec")
     assert not (tmp_path / "run.trec").exists()
+
+
+@pytest.mark.parametrize("entry,args,key", [
+    ("evaluate", ["retriever=bm25", "reranker=cross_encoder"], "reranker.cross_encoder.name_or_path"),
+    ("mine", ["denoise.max_length=64"], "denoise.cross_encoder"),
+    ("score", [], "model.name_or_path"),
+])
+def test_a_cross_encoder_without_a_trained_score_head_does_not_score(entry, args, key, tiny_model, beir_folder,
+                                                                   bm25_negatives, tmp_path):
+    """A base or bi-encoder model given where a trained cross-encoder belongs gets a score head at random: its
+    re-ranking metrics, teacher scores or denoising would be noise. Refused, naming the key."""
+    import shutil
+
+    folder = shutil.copytree(beir_folder, tmp_path / "beir")
+    given = {"evaluate": [f"reranker.cross_encoder.name_or_path={tiny_model}", "reranker.cross_encoder.max_length=64"],
+             "mine": [f"denoise.cross_encoder={tiny_model}"],
+             "score": [f"model.name_or_path={tiny_model}", f"input={bm25_negatives}",
+                       f"output={tmp_path / 'ce.jsonl'}"]}[entry]
+    result = run_module(f"retrieval_lab.{entry}", "data=beir", f"data.path={folder}", *args, *given,
+                        f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {key}={tiny_model} has no trained score head (a new one would start at random), so its scores would "
+        "mean nothing; give a cross-encoder trained with module=cross_encoder (its <run dir>/model).")
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "ce.jsonl").exists()
+    assert not (folder / "negatives").exists()

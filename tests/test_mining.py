@@ -98,7 +98,10 @@ def test_denoised_mining_keeps_the_plain_negatives_file(beir_folder, tiny_model,
     plain = run_module("retrieval_lab.mine", *common, f"hydra.run.dir={tmp_path / 'run1'}")
     assert plain.returncode == 0, plain.stderr[-2000:]
     before = (folder / "negatives" / "bm25-train.jsonl").read_text()
-    denoised = run_module("retrieval_lab.mine", *common, f"denoise.cross_encoder={tiny_model}",
+    from retrieval_lab.models.cross_encoder import CrossEncoder
+
+    teacher = CrossEncoder(str(tiny_model), max_length=64).save(tmp_path / "ce")  # a score head, untrained: a stand-in
+    denoised = run_module("retrieval_lab.mine", *common, f"denoise.cross_encoder={teacher}",
                           "denoise.max_length=64", f"hydra.run.dir={tmp_path / 'run2'}")
     assert denoised.returncode == 0, denoised.stderr[-2000:]
     assert (folder / "negatives" / "bm25-train.jsonl").read_text() == before

@@ -20,6 +20,15 @@ from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_toke
                                           require_whole)
 
 
+def require_trained_head(cross_encoder: "CrossEncoder", key: str) -> None:
+    """Refuse to score with a cross-encoder whose score head starts at random (a base or bi-encoder model): its
+    re-ranking, teacher scores or denoising would be noise reported as results. ``key`` names the setting."""
+    if getattr(cross_encoder, "random_head", False):
+        raise ConfigError(f"{key}={cross_encoder.name_or_path} has no trained score head (a new one would start at "
+                          f"random), so its scores would mean nothing; give a cross-encoder trained with "
+                          f"module=cross_encoder (its <run dir>/model).")
+
+
 class CrossEncoder(nn.Module):
     def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 320, random_init: dict | None = None):
         """A saved cross-encoder, or any encoder (a bi-encoder, a base model) whose score head then starts at random
