@@ -5,13 +5,23 @@ gives, and whether an output written before the failing call is still intact.
 
 Each case starts from a small valid BEIR folder (and a valid negatives file, run file and sweep folder) and
 breaks one thing. An output written earlier (a negatives file, metrics.json, a report) sits where the failing
-call would write; the last column says whether its bytes are unchanged afterwards.
+call would write; the last column says whether its bytes are unchanged afterwards. A crafted file (a checkpoint, a
+token cache, model weights, a model's custom code) would create a marker file if it ran code: the column would then
+say CODE RAN. A call that only warns shows its warning; one that neither fails nor warns shows NO ERROR. Process ids,
+host names, times and the toy zip's md5 are replaced by placeholders, so that the table regenerates the same.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
+import re
+import subprocess
 import sys
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -27,7 +37,8 @@ from retrieval_lab.models.encoder import resolve_model_path  # noqa: E402
 from retrieval_lab.mine import mine  # noqa: E402
 from retrieval_lab.report import report  # noqa: E402
 from retrieval_lab.score import score  # noqa: E402
-from retrieval_lab.retrieval.runfile import read_json, read_trec_run  # noqa: E402
+from retrieval_lab.retrieval.runfile import read_json, read_trec_run, write_json, write_trec_run  # noqa: E402
+from conftest import make_tiny_model  # noqa: E402
 
 DOCS = [{"_id": f"d{i}", "title": f"title {i}", "text": f"text of document {i}"} for i in range(6)]
 QUERIES = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)]
@@ -59,7 +70,98 @@ def edit(path: Path, text: str | bytes):
     return apply
 
 
-def cases(folder: Path, work: Path):
+class Payload:
+    """Unpickled, it would create the file ``marker`` (a crafted checkpoint, cache or weights file carries it)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return builtins.open, (self.marker, "w")
+
+
+def copy_model(model: Path, folder: Path, drop=(), change=None) -> Path:
+    """A copy of the tiny model folder without the files in ``drop``; ``change(folder)`` then edits it."""
+    import shutil
+
+    shutil.copytree(model, folder, ignore=lambda _, names: [n for n in names if n in drop])
+    if change is not None:
+        change(folder)
+    return folder
+
+
+def renamed_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    save_file({f"encoder_v2.{k}": v for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def pickled_weights(folder: Path) -> None:
+    import torch
+
+    (folder / "model.safetensors").unlink()
+    torch.save({"payload": Payload(folder / "marker")}, folder / "pytorch_model.bin")
+
+
+def custom_code(folder: Path) -> None:
+    """A model type transformers does not know, whose classes its own custom.py would define (and which would create
+    the marker on import)."""
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_bert", auto_map={"AutoConfig": "custom.Config", "AutoModel": "custom.Model"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text(f"import pathlib\npathlib.Path({str(folder / 'marker')!r}).touch()\n")
+
+
+def zip_of(folder: Path, archive: Path, prefix: str, extra: dict | None = None) -> None:
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.rglob("*"):
+            if path.is_file():
+                zf.write(path, f"{prefix}/{path.relative_to(folder)}")
+        for name, text in (extra or {}).items():
+            zf.writestr(name, text)
+
+
+def full_disk(handle) -> None:
+    handle.write(b"half a checkpoint")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def expect_exit(call):
+    """Run ``call`` (an entry point's own code that stops with exit status 2) with its stderr captured; its last line
+    becomes the UserError the table shows."""
+    from retrieval_lab.errors import UserError
+
+    def run():
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                call()
+        except SystemExit as exit_:
+            lines = err.getvalue().strip().splitlines()
+            raise UserError(f"(exit {exit_.code}) {lines[-1].removeprefix('error: ') if lines else ''}") from None
+    return run
+
+
+def locked_by_another_process(folder: Path, call):
+    """``call`` while a second process holds ``folder``'s lock (as a running training would)."""
+    def run():
+        holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from retrieval_lab.run_folder import lock; "
+                                   f"lock({str(folder)!r}); print('held', flush=True); time.sleep(120)"],
+                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            holder.stdout.readline()
+            call()
+        finally:
+            holder.kill()
+            holder.wait()
+    return run
+
+
+def cases(folder: Path, work: Path, model: Path):
     corpus, queries, test = folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / "test.tsv"
     neg = work / "neg.jsonl"
     load = lambda: BeirDataset(folder).split("test")  # noqa: E731
@@ -130,6 +232,99 @@ def cases(folder: Path, work: Path):
     yield "config: model path missing", lambda: None, lambda: resolve_model_path("./missing/model")
     yield "config: model folder without config.json", lambda: (work / "empty_model").mkdir(), \
         lambda: resolve_model_path(str(work / "empty_model"))
+    # ids, outputs other tools must read
+    yield "corpus id holding a space", edit(corpus, corpus.read_text() + '{"_id": "d 9", "text": "x"}\n'), load
+    yield "query id holding a tab", edit(queries, queries.read_text() + '{"_id": "q\\t9", "text": "x"}\n'), load
+    yield "run file: document id with a space (written)", lambda: None, \
+        lambda: write_trec_run({"q0": {"d 0": 1.0}}, work / "run.trec"), work / "run.trec"
+    yield "run file: NaN score (written)", lambda: None, \
+        lambda: write_trec_run({"q0": {"d0": float("nan")}}, work / "run.trec"), work / "run.trec"
+    yield "metrics.json: NaN metric (written)", lambda: None, \
+        lambda: write_json(work / "metrics.json", {"after": {"ndcg@10": float("nan")}}), work / "metrics.json"
+    # files that could run code
+    from retrieval_lab.files import atomic_save_folder, atomic_write, load_checkpoint
+
+    ckpt = work / "last.ckpt"
+    yield ("checkpoint holding a pickled object (resume=...)",
+           lambda: __import__("torch").save({"global_step": 1, "x": Payload(work / "marker")}, ckpt),
+           lambda: load_checkpoint(ckpt, f"resume={ckpt}"))
+    yield "checkpoint that is a text file", edit(ckpt, "not a checkpoint"), lambda: load_checkpoint(ckpt, "resume=auto")
+    yield "checkpoint without global_step", lambda: __import__("torch").save({"state_dict": {}}, ckpt), \
+        lambda: load_checkpoint(ckpt, "resume=auto")
+    yield "negatives file that is a pickle", edit(neg, __import__("pickle").dumps(Payload(work / "marker"))), negatives
+
+    def cache_with_objects():
+        import numpy as np
+
+        from retrieval_lab.models.encoder import load_tokenizer
+        from retrieval_lab.retrieval.tokenization import TokenCache, rust_tokenizer
+
+        tokenizer, texts = load_tokenizer(str(model)), ["a text", "another text"]
+        cache = TokenCache(folder=work / "tokens")
+        file = cache.file(rust_tokenizer(tokenizer, 16), texts)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        payload = np.empty(1, dtype=object)
+        payload[0] = Payload(work / "marker")
+        np.savez(file, order=payload, flat=payload, offsets=payload)
+        list(cache.stream(tokenizer, texts, 16))
+
+    yield "token cache holding pickled objects (a warning: tokenised again)", lambda: None, cache_with_objects
+    from retrieval_lab.models.cross_encoder import CrossEncoder, require_trained_head
+    from retrieval_lab.models.encoder import Encoder
+
+    bad = work / "bad_model"
+    yield "model folder without tokenizer files", lambda: None, \
+        lambda: Encoder(str(copy_model(model, bad, drop=("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                                                         "special_tokens_map.json"))))
+    yield "model weights that do not fit the config", lambda: None, \
+        lambda: Encoder(str(copy_model(model, bad, change=renamed_weights)))
+    yield "model weights as a pickle holding code", lambda: None, \
+        lambda: Encoder(str(copy_model(model, bad, change=pickled_weights)))
+    yield "model asking for custom code (auto_map)", lambda: None, \
+        lambda: Encoder(str(copy_model(model, bad, change=custom_code)))
+    yield "model.doc_max_length=abc", lambda: None, lambda: Encoder(str(model), doc_max_length="abc")
+    yield "model.query_max_length=-5", lambda: None, lambda: Encoder(str(model), query_max_length=-5)
+    yield "cross-encoder max_length=0", lambda: None, lambda: CrossEncoder(str(model), max_length=0)
+    yield "re-ranking with an untrained score head", lambda: None, \
+        lambda: require_trained_head(CrossEncoder(str(model), max_length=16), "reranker.cross_encoder.name_or_path")
+    yield ("score: a teacher without a trained score head, an earlier scores file at the output path",
+           edit(neg, good_neg + "\n"),
+           lambda: score(compose_named("score", [f"data.path={folder}", f"input={neg}", f"output={out}",
+                                                 f"model.name_or_path={model}", "model.max_length=16"])), out)
+    yield ("mine: denoising with an untrained score head, an earlier negatives file at the output path", lambda: None,
+           lambda: mine(compose_named("mine", [f"data.path={folder}", f"output={out}", f"denoise.cross_encoder={model}",
+                                               "denoise.max_length=16"])), out)
+    # training settings that train nothing
+    for overrides, name in [(["trainer.max_steps=0"], "trainer.max_steps=0"),
+                            (["+trainer.limit_train_batches=0"], "trainer.limit_train_batches=0")]:
+        yield f"config: {name}", lambda: None, lambda o=overrides: config.check_train_config(compose_train(o))
+    # data fetch
+    from retrieval_lab.data.fetch import fetch
+
+    data = work / "data"
+    yield "fetch: name with '..'", lambda: None, lambda: fetch("../scifact", data, folder)
+    yield "fetch: --source is a plain file", lambda: None, lambda: fetch("toy", data, corpus)
+    yield "fetch: --dest is a file", lambda: None, lambda: fetch("toy", work / "dest.txt", folder), \
+        work / "dest.txt"
+    yield "fetch: --source zip whose md5 differs from BEIR's", lambda: zip_of(folder, work / "scifact.zip", "scifact"), \
+        lambda: fetch("scifact", data, work / "scifact.zip")
+    yield "fetch: zip member with a '..' path", \
+        lambda: zip_of(folder, work / "toy.zip", "toy", {"../evil.txt": "x"}), lambda: fetch("toy", data, work / "toy.zip")
+    yield "fetch: download of an unpublished name without --md5", lambda: None, lambda: fetch("mydata", data)
+    # run folders and refused writes
+    from retrieval_lab.run_folder import lock
+
+    run_dir = work / "run"
+    yield "run folder locked by a running process", lambda: None, \
+        locked_by_another_process(run_dir, expect_exit(lambda: lock(run_dir))), run_dir / "metrics.json"
+    yield "run folder under a file", lambda: None, \
+        expect_exit(lambda: lock(work / "notes.txt" / "run")), work / "notes.txt"
+    yield "checkpoint write on a full disk", lambda: None, lambda: atomic_write(work / "metrics.json.before", full_disk)
+    yield "model folder save on a full disk", lambda: None, \
+        lambda: atomic_save_folder(work / "model", lambda p: (p.mkdir(), full_disk(open(p / "w.bin", "wb")))), \
+        work / "model" / "config.json"
+    yield "non-finite embeddings", lambda: None, lambda: __import__("retrieval_lab.retrieval.dense").retrieval.dense \
+        .refuse_non_finite([[0.1, float("nan")]], ["d0"], "document embeddings")
 
 
 def main() -> None:
@@ -137,12 +332,13 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     number = 0
     with tempfile.TemporaryDirectory() as tmp:
+        model = make_tiny_model(Path(tmp) / "tiny_model")
         for index in range(1000):
             case_dir = Path(tmp) / str(index)
             folder, work = beir(case_dir / "beir"), case_dir / "work"
             work.mkdir()
             try:
-                name, breaks, call, *output = list(cases(folder, work))[index]
+                name, breaks, call, *output = list(cases(folder, work, model))[index]
             except IndexError:
                 break
             kept = output[0] if output else work / "metrics.json.before"
@@ -150,16 +346,23 @@ def main() -> None:
             kept.write_text('{"after": {"ndcg@10": 0.7}}\n')  # an output from an earlier, successful call
             breaks()
             try:
-                call()
-                message = "NO ERROR"
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    call()
+                told = [str(w.message) for w in caught if "retrieval_lab" in w.filename]
+                message = f"warning: {told[0]}" if told else "NO ERROR"
             except Exception as err:  # noqa: BLE001  (a library may wrap our error, as Hydra's instantiate does)
                 user_error = find_user_error(err)
                 if user_error is None:
                     raise
-                message = str(user_error).replace(tmp, "<tmp>").replace("|", "\\|")
+                message = str(user_error)
+            message = re.sub(r"process \d+ on \S+ \(started [0-9-]+ [0-9:]+:", "process <pid> on <host> (started <time>:",
+                             message.replace(tmp, "<tmp>").replace(sys.executable, "python"))
+            message = re.sub(r"md5 [0-9a-f]{32}, not", "md5 <md5 of the toy zip>, not", message).replace("|", "\\|")
             number += 1
             intact = kept.read_text() == '{"after": {"ndcg@10": 0.7}}\n'
-            print(f"| {number} | {name} | {message} | {'yes' if intact else 'NO'} |")
+            ran = (work / "marker").exists() or any(Path(tmp).rglob("marker"))
+            print(f"| {number} | {name} | {message} | {'yes' if intact else 'NO'}{' (CODE RAN)' if ran else ''} |")
 
 
 if __name__ == "__main__":

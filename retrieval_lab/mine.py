@@ -31,19 +31,17 @@ def mine(cfg: DictConfig) -> Path:
     if cfg.n_neg < 1 or cfg.skip_top < 0 or cfg.depth < cfg.n_neg + cfg.skip_top:
         raise ConfigError(f"n_neg={cfg.n_neg}, skip_top={cfg.skip_top}, depth={cfg.depth}: need n_neg >= 1, "
                           f"skip_top >= 0 and depth >= n_neg + skip_top.")
+    teacher = None
     if cfg.denoise.cross_encoder:  # before the mining, which takes a while
-        from retrieval_lab.models.encoder import resolve_model_path
-
-        resolve_model_path(cfg.denoise.cross_encoder)
-    dataset = BeirDataset(cfg.data.path)
-    split = dataset.subset(dataset.qrels(cfg.split, reachable_only=True))  # positives are written out with the text
-    run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
-    mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
-    if cfg.denoise.cross_encoder:
         from retrieval_lab.models.cross_encoder import CrossEncoder, require_trained_head
 
         teacher = CrossEncoder(cfg.denoise.cross_encoder, cfg.denoise.max_length)
         require_trained_head(teacher, "denoise.cross_encoder")
+    dataset = BeirDataset(cfg.data.path)
+    split = dataset.subset(dataset.qrels(cfg.split, reachable_only=True))  # positives are written out with the text
+    run = instantiate(cfg.retriever).retrieve(split.corpus, split.queries, cfg.depth)
+    mined = mine_negatives(run, split.qrels, cfg.n_neg, cfg.skip_top, cfg.score_ratio)
+    if teacher is not None:
         mined, dropped = denoise(mined, split.queries, split.corpus, teacher, cfg.denoise.margin,
                                  cfg.denoise.batch_size, pick_device("auto"))
         print(f"denoising with {cfg.denoise.cross_encoder} dropped {dropped} candidates as likely positives")
