@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -39,6 +38,7 @@ from retrieval_lab.report import report  # noqa: E402
 from retrieval_lab.score import score  # noqa: E402
 from retrieval_lab.retrieval.runfile import read_json, read_trec_run, write_json, write_trec_run  # noqa: E402
 from conftest import make_tiny_model  # noqa: E402
+from test_fetch import make_zip  # noqa: E402
 
 DOCS = [{"_id": f"d{i}", "title": f"title {i}", "text": f"text of document {i}"} for i in range(6)]
 QUERIES = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(4)]
@@ -114,15 +114,6 @@ def custom_code(folder: Path) -> None:
     config.update(model_type="custom_bert", auto_map={"AutoConfig": "custom.Config", "AutoModel": "custom.Model"})
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "custom.py").write_text(f"import pathlib\npathlib.Path({str(folder / 'marker')!r}).touch()\n")
-
-
-def zip_of(folder: Path, archive: Path, prefix: str, extra: dict | None = None) -> None:
-    with zipfile.ZipFile(archive, "w") as zf:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                zf.write(path, f"{prefix}/{path.relative_to(folder)}")
-        for name, text in (extra or {}).items():
-            zf.writestr(name, text)
 
 
 def full_disk(handle) -> None:
@@ -306,10 +297,10 @@ def cases(folder: Path, work: Path, model: Path):
     yield "fetch: --source is a plain file", lambda: None, lambda: fetch("toy", data, corpus)
     yield "fetch: --dest is a file", lambda: None, lambda: fetch("toy", work / "dest.txt", folder), \
         work / "dest.txt"
-    yield "fetch: --source zip whose md5 differs from BEIR's", lambda: zip_of(folder, work / "scifact.zip", "scifact"), \
+    yield "fetch: --source zip whose md5 differs from BEIR's", lambda: make_zip(folder, work / "scifact.zip"), \
         lambda: fetch("scifact", data, work / "scifact.zip")
     yield "fetch: zip member with a '..' path", \
-        lambda: zip_of(folder, work / "toy.zip", "toy", {"../evil.txt": "x"}), lambda: fetch("toy", data, work / "toy.zip")
+        lambda: make_zip(folder, work / "toy.zip", {"../evil.txt": "x"}), lambda: fetch("toy", data, work / "toy.zip")
     yield "fetch: download of an unpublished name without --md5", lambda: None, lambda: fetch("mydata", data)
     # run folders and refused writes
     from retrieval_lab.run_folder import lock
