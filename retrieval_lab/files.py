@@ -42,7 +42,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        refused = find_unwritable(err)  # torch.save, for one, wraps the OSError of a full disk in a RuntimeError
+        # any OSError of the write; torch.save, for one, wraps the OSError of a full disk in a RuntimeError
+        refused = err if isinstance(err, OSError) else find_unwritable(err)
         if refused is not None:
             raise write_failed(path, refused) from None
         raise
@@ -64,7 +65,8 @@ def atomic_save_folder(path: str | Path, save: Callable[[Path], None]) -> None:
         os.replace(partial, path)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
-        refused = find_unwritable(err)  # torch.save, for one, wraps the OSError of a full disk in a RuntimeError
+        # any OSError of the write; torch.save, for one, wraps the OSError of a full disk in a RuntimeError
+        refused = err if isinstance(err, OSError) else find_unwritable(err)
         if refused is not None:
             raise write_failed(path, refused) from None
         raise
