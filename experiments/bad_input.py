@@ -240,6 +240,8 @@ def cases(folder: Path, work: Path, model: Path):
            lambda: __import__("torch").save({"global_step": 1, "x": Payload(work / "marker")}, ckpt),
            lambda: load_checkpoint(ckpt, f"resume={ckpt}"))
     yield "checkpoint that is a text file", edit(ckpt, "not a checkpoint"), lambda: load_checkpoint(ckpt, "resume=auto")
+    yield "checkpoint whose global_step is a word", lambda: __import__("torch").save({"global_step": "abc"}, ckpt), \
+        lambda: load_checkpoint(ckpt, "resume=auto")
     yield "checkpoint without global_step", lambda: __import__("torch").save({"state_dict": {}}, ckpt), \
         lambda: load_checkpoint(ckpt, "resume=auto")
     yield "negatives file that is a pickle", edit(neg, __import__("pickle").dumps(Payload(work / "marker"))), negatives
@@ -260,6 +262,24 @@ def cases(folder: Path, work: Path, model: Path):
         list(cache.stream(tokenizer, texts, 16))
 
     yield "token cache holding pickled objects (a warning: tokenised again)", lambda: None, cache_with_objects
+
+    def cache_with_other_ids():
+        from retrieval_lab.models.encoder import load_tokenizer
+        from retrieval_lab.retrieval.tokenization import TokenCache
+
+        tokenizer, texts = load_tokenizer(str(model)), ["a text", "another text"]
+        list(TokenCache(folder=work / "tokens").stream(tokenizer, texts, 16))
+        file = next((work / "tokens").glob("*.npz"))
+        import numpy as np
+
+        with np.load(file) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        arrays["flat"] = np.full_like(arrays["flat"], 1037)
+        np.savez(file, **arrays)
+        list(TokenCache(folder=work / "tokens").stream(tokenizer, texts, 16))
+
+    yield "token cache whose ids are not the tokenizer's (a warning: tokenised again)", lambda: None, \
+        cache_with_other_ids
     from retrieval_lab.models.cross_encoder import CrossEncoder, require_trained_head
     from retrieval_lab.models.encoder import Encoder
 
@@ -276,6 +296,11 @@ def cases(folder: Path, work: Path, model: Path):
     yield "model.doc_max_length=abc", lambda: None, lambda: Encoder(str(model), doc_max_length="abc")
     yield "model.query_max_length=-5", lambda: None, lambda: Encoder(str(model), query_max_length=-5)
     yield "cross-encoder max_length=0", lambda: None, lambda: CrossEncoder(str(model), max_length=0)
+    yield "model.doc_max_length=1000 on a model of 128 positions", lambda: None, \
+        lambda: Encoder(str(model), doc_max_length=1000)
+    yield "config.json naming an unknown model type", lambda: None, \
+        lambda: Encoder(str(copy_model(model, bad, change=lambda f: (f / "config.json").write_text(
+            (f / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "no_such_type"')))))
     yield "re-ranking with an untrained score head", lambda: None, \
         lambda: require_trained_head(CrossEncoder(str(model), max_length=16), "reranker.cross_encoder.name_or_path")
     yield ("score: a teacher without a trained score head, an earlier scores file at the output path",

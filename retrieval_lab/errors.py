@@ -32,16 +32,28 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-# what the machine says when an output cannot be written: no space, a read-only or forbidden folder, a path under a file
+# what the machine says when a file cannot be written (or read): no space, a read-only or forbidden folder, a path
+# under a file, a folder where a file belongs
 UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
-def find_unwritable(err: BaseException | None) -> OSError | None:
-    """The OSError of an output that could not be written behind ``err`` (a library's own write, e.g. a logger's)."""
+def find_unwritable(err: BaseException | None, context: bool = False) -> OSError | None:
+    """The OSError of that kind behind ``err`` (raised by a library's own write, e.g. a logger's), following the
+    errors it was raised from (``context``: also those it was raised while handling, as torch.save does with the
+    OSError of a full disk)."""
     while err is not None:
         if isinstance(err, OSError) and err.errno in UNWRITABLE:
             return err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (err.__context__ if context else None)
+    return None
+
+
+def lightning_settings_error(err: BaseException) -> Exception | None:
+    """Lightning's refusal of a Trainer setting (e.g. a limit_train_batches fraction that leaves no batch), whose
+    message is a sentence already; None for anything else (and when Lightning was never imported)."""
+    module = sys.modules.get("lightning.fabric.utilities.exceptions")
+    if module is not None and isinstance(err, module.MisconfigurationException):
+        return err
     return None
 
 
@@ -52,11 +64,11 @@ def exit_on_user_error():
     try:
         yield
     except Exception as err:
-        user_error, unwritable = find_user_error(err), find_unwritable(err)
+        user_error, unwritable = find_user_error(err) or lightning_settings_error(err), find_unwritable(err)
         if user_error is None and unwritable is None:
             raise
         if user_error is None:
-            where = f" {unwritable.filename}" if unwritable.filename else " an output"
-            user_error = f"could not write{where} ({unwritable.strerror}); the run stopped there."
+            where = f": {unwritable.filename}" if unwritable.filename else ""
+            user_error = f"{unwritable.strerror}{where}; the run stopped there."
         print(f"error: {user_error}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -43,7 +43,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         # any OSError of the write; torch.save, for one, wraps the OSError of a full disk in a RuntimeError
-        refused = err if isinstance(err, OSError) else find_unwritable(err)
+        refused = err if isinstance(err, OSError) else find_unwritable(err, context=True)
         if refused is not None:
             raise write_failed(path, refused) from None
         raise
@@ -54,19 +54,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_save_folder(path: str | Path, save: Callable[[Path], None]) -> None:
-    """Call ``save`` on ``<path>.partial`` and rename it to ``path``: a crash or a full disk while saving never
-    leaves a complete-looking folder, and a failed save removes the partial one (an earlier ``path`` stays)."""
+    """Call ``save`` on ``<path>.partial`` and put it in place of ``path``: a crash or a full disk while saving never
+    leaves a complete-looking folder, and a failed save removes the partial one (an earlier ``path`` stays, and is
+    removed only once the new one is in place)."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    partial, old = path.with_name(path.name + ".partial"), path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         shutil.rmtree(partial, ignore_errors=True)
         save(partial)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(partial, path)
+        if path.exists():
+            os.replace(path, old)  # a folder cannot be renamed over a folder: the earlier one steps aside first
+        try:
+            os.replace(partial, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
-        # any OSError of the write; torch.save, for one, wraps the OSError of a full disk in a RuntimeError
-        refused = err if isinstance(err, OSError) else find_unwritable(err)
+        refused = err if isinstance(err, OSError) else find_unwritable(err, context=True)
         if refused is not None:
             raise write_failed(path, refused) from None
         raise
@@ -86,6 +93,13 @@ def load_checkpoint(path: str | Path, what: str, mmap: bool = False) -> dict:
                               f"holds only tensors and plain values (loading Python objects could run code).") from None
         raise ConfigError(f"{what}: {path} is not a training checkpoint (torch.load could not read it: "
                           f"{type(err).__name__}).") from None
-    if not isinstance(state, dict) or "global_step" not in state:
-        raise ConfigError(f"{what}: {path} is not a training checkpoint (it has no global_step).")
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ConfigError(f"{what}: {path} is not a training checkpoint (it has no global_step that is a whole "
+                          f"number).")
+    settings = state.get("retrieval_lab_settings")
+    if settings is not None and not (isinstance(settings, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                         for k, v in settings.items())):
+        raise ConfigError(f"{what}: {path} is not a checkpoint of this project (its retrieval_lab_settings are not "
+                          f"names and values).")
     return state

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from retrieval_lab.errors import DataError, exit_on_user_error, warn
-from retrieval_lab.files import atomic_write_text
+from retrieval_lab.files import atomic_write, atomic_write_text
 from retrieval_lab.retrieval.runfile import read_json, read_trec_run
 
 IGNORED = ("seed", "hydra.")
@@ -245,7 +245,7 @@ def plots(configs: list[Config], metrics: list[str], out: Path) -> list[Path]:
         ax.set_ylabel(m if low == 0 else f"{m} (axis from {low:.2f}, not 0)")
         fig.tight_layout()
         path = out / f"{m.replace('@', '_at_')}.png"
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
         plt.close(fig)
         written.append(path)
     curves = {c.name: [validation_curve(r) for r in c.runs] for c in configs}
@@ -259,7 +259,7 @@ def plots(configs: list[Config], metrics: list[str], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / "validation_curves.png"
-        fig.savefig(path, dpi=120)
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))
         plt.close(fig)
         written.append(path)
     return written

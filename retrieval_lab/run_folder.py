@@ -1,12 +1,17 @@
 """One process at a time in a run folder.
 
-A Hydra callback (``hydra.callbacks.run_folder`` in every entry point's config) locks the run folder
-(``hydra.run.dir``; for a multirun the sweep folder, and each job's folder while it runs) before Hydra writes
-anything into it (``.hydra/``, the log file) and before the run does. The lock is an OS file lock
-(``filelock.FileLock`` on ``<folder>/.lock``): it is released when the process ends, also when it is killed, so a
-run stopped by SIGKILL can be resumed at once. A second run into a locked folder stops with one sentence naming the
-folder and the process holding it, and changes nothing there. The folder is also where the interrupted writes of
-an earlier process are cleaned up: its temporary files (``.<name>.tmp<pid>``, ``<name>.partial``).
+A Hydra callback (``hydra.callbacks.run_folder`` in every entry point's config) locks the run folder: for a run,
+``hydra.run.dir`` before Hydra does anything there; for a multirun, the sweep folder for the launching process and
+each job's folder for its job. Hydra itself writes nothing into a folder before it is locked: the entry points'
+configs set ``hydra.output_subdir: null`` and open the log file at its first line (``delay``), and the callback writes
+``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml, as Hydra would) once it holds the lock.
+
+The lock is an OS file lock (``filelock.FileLock`` on ``<folder>/.lock``): it is released when the process ends, also
+when it is killed, so a run stopped by SIGKILL can be resumed at once. A second run into a locked folder stops with
+one sentence naming the folder and the process holding it, and changes nothing there. The other processes of a
+distributed run (Lightning's, torchrun's, SLURM's) take no lock of their own: they check that the holder is the first
+process of their own job, and stop with that sentence otherwise. The process that takes a folder also removes the
+temporary files that a killed process left there (``.<name>.tmp<pid>``, ``<name>.partial/``).
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-LOCK, HOLDER = ".lock", ".lock.json"  # the lock file, and who holds it (written once the lock is taken)
+LOCK, HOLDER, HYDRA_FILES = ".lock", ".lock.json", ".hydra"  # the lock, who holds it, Hydra's record of the run
+JOB_IDS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID")  # the same in every process of one launched job
+JOIN_WAIT = 120  # seconds a distributed run's other process waits for its first process to take the folder
 _HELD: dict[str, object] = {}  # folder -> its FileLock, at module level: Hydra's launchers pickle their callbacks
 
 
@@ -43,31 +50,52 @@ def stop(message: str) -> None:
     sys.exit(2)
 
 
-def holder(folder: Path) -> str:
+def read_holder(folder: Path) -> dict:
     try:
         info = json.loads((folder / HOLDER).read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(info: dict) -> str:
+    try:
         return (f"process {info['pid']} on {info['host']} (started {info['started']}: "
-                f"{' '.join(info['command'])[:200]})")
-    except (OSError, ValueError, KeyError, TypeError):
+                f"{' '.join(map(str, info['command']))[:200]})")
+    except (KeyError, TypeError):
         return "another process (it has not said which yet)"
+
+
+def in_use(folder: Path, info: dict) -> None:
+    stop(f"run folder {folder} is in use by {describe(info)}; nothing in it was changed (wait for that run to end, "
+         f"or choose another hydra.run.dir / hydra.sweep.dir).")
 
 
 def remove_interrupted_writes(folder: Path) -> list[Path]:
     """The temporary files and folders that processes killed while writing left in ``folder`` or a folder in it
-    (``checkpoints/``, ``after/``, a sweep's jobs), removed: a process holding the lock is the only one writing."""
+    (``checkpoints/``, ``after/``, a sweep's jobs), removed: a process holding the lock is the only one writing there.
+    A folder inside with a lock of its own (a sweep's job, a run inside a sweep folder) is left to its own holder."""
     left = []
     for level in ("", "*/", "*/*/"):
-        left += [p for p in folder.glob(f"{level}.*.tmp*") if p.name.rsplit(".tmp", 1)[-1].isdigit()]
-        left += [p for p in folder.glob(f"{level}*.partial") if p.is_dir()]
+        found = [p for p in folder.glob(f"{level}.*.tmp*") if p.name.rsplit(".tmp", 1)[-1].isdigit()]
+        found += [p for p in folder.glob(f"{level}*.partial") if p.is_dir()]
+        left += [p for p in found if not any((parent / LOCK).exists() for parent in p.parents
+                                             if parent != folder and folder in parent.parents)]
     for path in left:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return left
+
+
+def cannot_write(folder: Path, err: OSError) -> None:
+    stop(f"run folder {folder} cannot be written ({err.strerror or err}{f': {err.filename}' if err.filename else ''}).")
 
 
 def lock(folder: str | Path) -> None:
     """Take ``folder``'s lock for this process (creating the folder), or stop with one sentence: the folder is in
     use, or cannot be written (read-only, under a file, no space)."""
     from filelock import FileLock, Timeout
+
+    from retrieval_lab.files import OutputError, atomic_write_text
 
     folder = Path(folder).absolute()
     if str(folder) in _HELD:
@@ -77,17 +105,16 @@ def lock(folder: str | Path) -> None:
         held = FileLock(folder / LOCK, timeout=0)
         held.acquire()
     except Timeout:
-        stop(f"run folder {folder} is in use by {holder(folder)}; nothing in it was changed (wait for that run to "
-             f"end, or choose another hydra.run.dir / hydra.sweep.dir).")
+        in_use(folder, read_holder(folder))
     except OSError as err:
-        stop(f"run folder {folder} cannot be written ({err.strerror or err}{f': {err.filename}' if err.filename else ''}).")
+        cannot_write(folder, err)
     try:
-        (folder / HOLDER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "command": sys.argv}) + "\n")
-    except OSError as err:
+        atomic_write_text(folder / HOLDER, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": sys.argv, "job": {name: os.environ[name] for name in JOB_IDS if name in os.environ}}) + "\n")
+    except OutputError as err:
         held.release()
-        stop(f"run folder {folder} cannot be written ({err.strerror or err}).")
+        stop(str(err))
     _HELD[str(folder)] = held
     left = remove_interrupted_writes(folder)
     if left:
@@ -100,28 +127,76 @@ def unlock(folder: str | Path) -> None:
         held.release()
 
 
+def join(folder: str | Path, wait: float = JOIN_WAIT) -> None:
+    """For a process of a distributed run other than the first: wait until the folder is locked by the first
+    process of this job (the same torchrun or SLURM job id; for Lightning's launcher, this process's parent), or
+    stop with one sentence when another run holds it."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder).absolute()
+    job = {name: os.environ[name] for name in JOB_IDS if name in os.environ}
+    deadline, held_by = time.monotonic() + wait, None
+    while time.monotonic() < deadline:
+        probe = FileLock(folder / LOCK, timeout=0)
+        try:
+            probe.acquire()
+            probe.release()  # free: the first process has not taken it yet
+            held_by = None
+        except Timeout:  # held: by this job's first process?
+            held_by = read_holder(folder)
+            ours = (held_by.get("job") == job) if job else (held_by.get("pid") == os.getppid()
+                                                             and held_by.get("host") == socket.gethostname())
+            if ours:
+                return
+        except OSError as err:
+            cannot_write(folder, err)
+        time.sleep(0.5)
+    if held_by is None:
+        stop(f"run folder {folder} was not taken by the first process of this run within {wait:.0f} s (this process "
+             f"is not the first: RANK, SLURM_PROCID or LOCAL_RANK says so).")
+    in_use(folder, held_by)
+
+
+def save_hydra_files(config: DictConfig) -> None:
+    """``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` of the job, as Hydra writes them (it does not
+    here: ``hydra.output_subdir`` is null, so that nothing is written before the lock is taken)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from retrieval_lab.files import OutputError, atomic_write_text
+
+    task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    folder = Path(config.hydra.runtime.output_dir) / HYDRA_FILES
+    try:
+        for name, part in (("config.yaml", task), ("hydra.yaml", HydraConfig.instance().cfg),
+                           ("overrides.yaml", config.hydra.overrides.task)):
+            atomic_write_text(folder / name, OmegaConf.to_yaml(part))
+    except OutputError as err:
+        stop(str(err))
+
+
 class RunFolderLock(Callback):
     """Locks ``hydra.run.dir`` for a run, ``hydra.sweep.dir`` for a multirun's launching process and each job's
-    folder for the job, from before Hydra writes there until the run ends (see the module's docstring). The other
-    processes of a distributed run share the first one's folder and lock."""
+    folder for the job, and writes the job's ``.hydra/`` files once it holds the lock (see the module's docstring).
+    The other processes of a distributed run join the first one's lock."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if is_first_process():
-            lock(OmegaConf.select(config, "hydra.run.dir"))
+        folder = OmegaConf.select(config, "hydra.run.dir")
+        lock(folder) if is_first_process() else join(folder)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         unlock(OmegaConf.select(config, "hydra.run.dir"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if is_first_process():
-            lock(OmegaConf.select(config, "hydra.sweep.dir"))
+        lock(OmegaConf.select(config, "hydra.sweep.dir"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         unlock(OmegaConf.select(config, "hydra.sweep.dir"))
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
-        if config.hydra.mode.name == "MULTIRUN" and is_first_process():
-            lock(config.hydra.runtime.output_dir)
+        if config.hydra.mode.name == "MULTIRUN":
+            lock(config.hydra.runtime.output_dir) if is_first_process() else join(config.hydra.runtime.output_dir)
+        if is_first_process() and config.hydra.output_subdir is None:
+            save_hydra_files(config)
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode.name == "MULTIRUN":

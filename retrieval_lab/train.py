@@ -6,6 +6,7 @@ Evaluates on the test split before and after training (by default), saves the mo
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, UserError, exit_on_user_error
-from retrieval_lab.files import atomic_save_folder, load_checkpoint
+from retrieval_lab.files import atomic_save_folder, atomic_write_text, load_checkpoint
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.models.encoder import effective_settings
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
@@ -106,9 +107,9 @@ def csv_logger(run_dir: Path, resume_step: int | None = None):
         def before(row: list[str]) -> bool:  # a row training will not log again: before step N, or not a step's
             return float(row[step]) < resume_step or (float(row[step]) == resume_step and not (loss and row[loss]))
 
-        kept = [header] + [row for row in rows[1:] if before(row)]
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
+        kept = io.StringIO(newline="")
+        csv.writer(kept).writerows([header] + [row for row in rows[1:] if before(row)])
+        atomic_write_text(path, kept.getvalue())
         writer.metrics_keys = header  # the columns in the file's order
     return logger
 

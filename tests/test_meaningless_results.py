@@ -146,3 +146,33 @@ def test_a_cross_encoder_without_a_trained_score_head_does_not_score(entry, args
         "mean nothing; give a cross-encoder trained with module=cross_encoder (its <run dir>/model).")
     assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "ce.jsonl").exists()
     assert not (folder / "negatives").exists()
+
+
+def test_a_lightning_refusal_of_a_trainer_setting_is_one_sentence(tiny_model, beir_folder, tmp_path):
+    """limit_train_batches=0.01 of 10 batches is 0 batches: Lightning's own sentence, not its traceback."""
+    result = train(tiny_model, beir_folder, tmp_path / "run", "+trainer.limit_train_batches=0.01",
+                   "eval.before=false")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "limit_train_batches" in last, last
+
+
+def test_a_length_beyond_the_models_positions_is_refused_naming_the_key(tiny_model):
+    """The tiny model has 128 positions: an explicit longer length is refused when the encoder is built; a default
+    longer than that (256) is refused only by a batch that reaches past the positions, before the model sees it."""
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.models.cross_encoder import CrossEncoder
+    from retrieval_lab.models.encoder import Encoder
+
+    with pytest.raises(ConfigError, match=rf"^model.doc_max_length=1000 is longer than the 128 positions of model "
+                                          rf"'{tiny_model}'; set model.doc_max_length to 128 or less\.$"):
+        Encoder(str(tiny_model), doc_max_length=1000)
+    encoder = Encoder(str(tiny_model))  # doc_max_length 256 by default
+    long_text = " ".join(["protein"] * 300)
+    assert encoder.encode_docs(encoder.tokenize(["short text"], "doc")).shape == (1, 32)
+    with pytest.raises(ConfigError, match=r"^texts of 256 tokens are longer than the 128 positions of model .*; set "
+                                          r"model.query_max_length / model.doc_max_length to 128 or less\.$"):
+        encoder.encode_docs(encoder.tokenize([long_text], "doc"))
+    cross = CrossEncoder(str(tiny_model), max_length=320)
+    with pytest.raises(ConfigError, match=r"^texts of \d+ tokens .*set the cross-encoder's max_length to 128"):
+        cross(cross.tokenize(["a query"], [long_text]))

@@ -217,3 +217,14 @@ def test_a_malformed_saved_settings_file_is_one_sentence_naming_it(tiny_model, t
     with pytest.raises(ConfigError) as err:
         Encoder(str(tmp_path / "m"))
     assert str(err.value) == f"{file}{' ' if change is None else ': '}{message}"
+
+
+@pytest.mark.parametrize("field,value", [("model_type", "no_such_type"), ("hidden_size", "abc")])
+def test_a_config_json_with_a_wrong_field_is_one_sentence(field, value, tiny_model, tmp_path):
+    folder = copy_model(tiny_model, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    for model in MODELS:
+        with pytest.raises(ConfigError, match=rf"^could not load .*'{folder}': "):
+            model(str(folder))

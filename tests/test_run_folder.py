@@ -221,3 +221,104 @@ def test_a_refused_write_stops_training_with_one_sentence(tiny_model, beir_folde
         train(cfg, tmp_path / "run")
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step1.ckpt"] and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def hold(folder: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process that takes ``folder``'s lock (as a running run would) and keeps it until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from retrieval_lab.run_folder import lock; "
+                               f"lock({str(folder)!r}); print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_multirun_job_into_a_held_folder_changes_nothing_there(beir_folder, tmp_path):
+    """Hydra sets up a job's log and (by default) writes its .hydra/ before any callback runs: here it writes neither
+    (output_subdir null, the log opened at its first line), so a job refused its folder leaves it byte for byte."""
+    job = tmp_path / "sweep" / "0"
+    holder = hold(job)
+    try:
+        (job / ".hydra").mkdir()
+        (job / ".hydra" / "config.yaml").write_text("the holder's config\n")
+        before = snapshot(job)
+        result = run_module("retrieval_lab.evaluate", "-m", "retriever=bm25", "data=beir", f"data.path={beir_folder}",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=0")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert f"error: run folder {job} is in use by process {holder.pid} on " in result.stderr
+        assert snapshot(job) == before and not (job / "evaluate.log").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    done = run_module("retrieval_lab.evaluate", "-m", "retriever=bm25", "data=beir", f"data.path={beir_folder}",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.sweep.subdir=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (job / ".hydra" / "overrides.yaml").read_text().splitlines() == [
+        "- retriever=bm25", "- data=beir", f"- data.path={beir_folder}"]
+    assert "retriever:" in (job / ".hydra" / "config.yaml").read_text() and (job / "metrics.json").is_file()
+
+
+def test_taking_a_folder_leaves_the_writes_of_a_folder_inside_it_that_has_its_own_lock(tmp_path):
+    """A sweep folder taken while one of its jobs (or a run placed inside it) is writing: that job's temporary files
+    are its own, and only the unlocked folders are cleaned."""
+    from retrieval_lab.run_folder import lock, unlock
+
+    holder = hold(tmp_path / "0")
+    try:
+        for job in ("0", "1"):  # job 0's is its holder's write in progress; job 1's, a killed process's
+            (tmp_path / job / "checkpoints").mkdir(parents=True)
+            (tmp_path / job / "checkpoints" / ".last.ckpt.tmp99999").write_bytes(b"being written")
+        lock(tmp_path)
+        unlock(tmp_path)
+        assert (tmp_path / "0" / "checkpoints" / ".last.ckpt.tmp99999").read_bytes() == b"being written"
+        assert not (tmp_path / "1" / "checkpoints" / ".last.ckpt.tmp99999").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_other_processes_of_a_distributed_run_join_only_their_own_first_process(tmp_path):
+    """torchrun (and SLURM) start every process of a job on its own: those after the first take no lock but wait for
+    the holder to be their own job's first process; another job's is refused, and a folder nobody takes is too."""
+    folder = tmp_path / "run"
+    join = "from retrieval_lab.run_folder import join; join({!r}, wait={}); print('joined')"
+
+    def other_rank(run_id, wait=20, target=folder):
+        env = {**os.environ, "RANK": "1", "TORCHELASTIC_RUN_ID": run_id}
+        return subprocess.run([sys.executable, "-c", join.format(str(target), wait)], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+
+    holder = hold(folder, {"RANK": "0", "TORCHELASTIC_RUN_ID": "job-a"})
+    try:
+        mine = other_rank("job-a")
+        assert mine.returncode == 0 and "joined" in mine.stdout, mine.stderr
+        theirs = other_rank("job-b", wait=2)
+        assert theirs.returncode == 2 and f"is in use by process {holder.pid} on" in theirs.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    alone = other_rank("job-a", wait=1, target=tmp_path / "nobody")
+    assert alone.returncode == 2 and "was not taken by the first process of this run within 1 s" in alone.stderr
+
+
+def test_a_model_folder_save_that_fails_keeps_the_earlier_folder(tmp_path, monkeypatch):
+    from retrieval_lab.files import OutputError, atomic_save_folder
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("earlier")
+
+    def save(folder):
+        folder.mkdir()
+        (folder / "config.json").write_text("new")
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OutputError, match=r"could not write .*model \(Input/output error\)"):
+        atomic_save_folder(tmp_path / "model", save)
+    assert (tmp_path / "model" / "config.json").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

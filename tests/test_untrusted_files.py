@@ -130,3 +130,45 @@ def test_a_pickle_where_a_text_file_belongs_is_refused_by_line(reader, beir_fold
         else:
             BeirDataset(folder).split("test")
     assert not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("state,why", [
+    ({"global_step": "abc"}, "it has no global_step that is a whole number"),
+    ({"state_dict": {}}, "it has no global_step that is a whole number"),
+    ([1, 2, 3], "it has no global_step that is a whole number"),
+    ({"global_step": 2, "retrieval_lab_settings": [1, 2]}, "its retrieval_lab_settings are not names and values"),
+])
+def test_a_checkpoint_of_plain_values_but_the_wrong_shape_is_one_sentence(state, why, tmp_path):
+    from retrieval_lab.errors import ConfigError
+    from retrieval_lab.files import load_checkpoint
+
+    torch.save(state, tmp_path / "odd.ckpt")
+    with pytest.raises(ConfigError, match=rf"^resume=auto: {tmp_path / 'odd.ckpt'} is not a .*\({why}\)\.$"):
+        load_checkpoint(tmp_path / "odd.ckpt", "resume=auto")
+
+
+@pytest.mark.parametrize("damage", ["other ids", "out of the vocabulary", "offsets"])
+def test_a_token_cache_file_whose_ids_are_not_the_tokenizers_is_tokenised_again(damage, tiny_model, tmp_path):
+    """A cache file from another machine, or a damaged one, with plain arrays of the right shapes: its ids are
+    checked (range, offsets, a sample tokenised again), so wrong ids never reach the model."""
+    from retrieval_lab.models.encoder import load_tokenizer
+    from retrieval_lab.retrieval.tokenization import TokenCache
+
+    tokenizer = load_tokenizer(str(tiny_model))
+    texts = [f"text number {i} about {w}" for i, w in enumerate(["genes", "cells", "virus", "liver"] * 10)]
+    expected = dict(enumerate(tokenizer(texts, truncation=True, max_length=16)["input_ids"]))
+    list(TokenCache(folder=tmp_path).stream(tokenizer, texts, 16))
+    file = next(tmp_path.glob("tokens-*.npz"))
+    with np.load(file) as saved:
+        order, flat, offsets = saved["order"], saved["flat"].copy(), saved["offsets"].copy()
+    if damage == "other ids":
+        flat[:] = 1037  # in the vocabulary, and wrong
+    elif damage == "out of the vocabulary":
+        flat[0] = 10 ** 6
+    else:
+        offsets[1] = offsets[-1] + 5
+    np.savez(file, order=order, flat=flat, offsets=offsets)
+    with pytest.warns(UserWarning, match="could not be read"):
+        got = {int(i): list(x) for idx, ids in TokenCache(folder=tmp_path).stream(tokenizer, texts, 16)
+               for i, x in zip(idx, ids)}
+    assert got == expected

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError, warn
 from retrieval_lab.models.biencoder import BiEncoderModule
-from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights, refuse_new_weights,
-                                          require_whole)
+from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights,
+                                          refuse_longer_than_positions, refuse_new_weights, require_whole)
 
 
 def require_trained_head(cross_encoder: "CrossEncoder", key: str) -> None:
@@ -68,6 +68,8 @@ class CrossEncoder(nn.Module):
     def forward(self, inputs) -> torch.Tensor:
         """One score per (query, document) pair."""
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        refuse_longer_than_positions(self.model, self.name_or_path, {"the cross-encoder's max_length":
+                                                                     inputs["input_ids"].shape[1]}, tokens="batch")
         return self.model(**inputs).logits.squeeze(-1)
 
     @torch.inference_mode()

@@ -87,6 +87,12 @@ def unreachable_hub() -> str | None:
         return constants.ENDPOINT
 
 
+try:  # huggingface_hub's check of a config field's type (config.json's "hidden_size": "abc")
+    from huggingface_hub.errors import StrictDataclassError as CONFIG_FIELD_ERROR
+except ImportError:  # an older huggingface_hub: transformers raises ValueError or TypeError there
+    CONFIG_FIELD_ERROR = TypeError
+
+
 def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
     """``auto_class.from_pretrained`` of a model name or path, never running code from the model's files: no custom
     code (``auto_map``) is trusted, and transformers reads a pickle of weights (``pytorch_model.bin``) as plain
@@ -109,16 +115,29 @@ def _from_pretrained(auto_class, name_or_path: str, what: str, **kwargs):
         raise ConfigError(f"the weights of model '{name_or_path}' (a pickle, pytorch_model.bin) do not load as plain "
                           f"tensors, and anything else in a pickle could run code: save them as "
                           f"model.safetensors.") from None
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ConfigError(f"model '{name_or_path}' needs custom code from its own files (auto_map in its config), "
-                          f"which is never run.") from None
+    except (ValueError, CONFIG_FIELD_ERROR) as err:  # also transformers' checks of a config's fields
+        if "trust_remote_code" in str(err):
+            raise ConfigError(f"model '{name_or_path}' needs custom code from its own files (auto_map in its config), "
+                              f"which is never run.") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"could not load {what} '{name_or_path}': {first[:300]}") from None
     # weights stored in half precision (transformers loads them as stored) are trained and kept in float32;
     # mixed precision casts on the fly
     if isinstance(loaded, tuple):  # (model, loading info)
         return loaded[0].float(), loaded[1]
     return loaded.float() if isinstance(loaded, nn.Module) else loaded
+
+
+def refuse_longer_than_positions(model: nn.Module, name_or_path: str, lengths: dict[str, int | None],
+                                 tokens: str = "") -> None:
+    """Refuse a max length (or, with ``tokens``, a batch of texts that many tokens long) beyond the model's position
+    embeddings, which would fail mid-encoding with an index error, naming the key."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for key, length in lengths.items():
+        if isinstance(positions, int) and length is not None and length > positions:
+            what = f"texts of {length} tokens are" if tokens else f"{key}={length} is"
+            raise ConfigError(f"{what} longer than the {positions} positions of model '{name_or_path}'; set {key} "
+                              f"to {positions} or less.")
 
 
 def load_weights(auto_class, name_or_path: str, **kwargs) -> tuple[nn.Module, list[str]]:
@@ -345,6 +364,8 @@ class Encoder(nn.Module):
             self.doc_model = _load_backbone(str(folder / "doc"))
         else:
             self.doc_model = copy.deepcopy(self.query_model)
+        refuse_longer_than_positions(self.query_model, self.name_or_path,  # what the user set (a default fits in use)
+                                     {f"model.{key}": given[key] for key in ("query_max_length", "doc_max_length")})
         hidden = self.query_model.config.hidden_size
         self.projection = nn.Linear(hidden, args["projection_dim"]) if args["projection_dim"] else None
         if self.projection is not None and saved is not None and random_init is None:
@@ -361,6 +382,8 @@ class Encoder(nn.Module):
 
     def _encode(self, model: nn.Module, inputs) -> torch.Tensor:
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        refuse_longer_than_positions(model, self.name_or_path, {"model.query_max_length / model.doc_max_length":
+                                                                inputs["input_ids"].shape[1]}, tokens="batch")
         hidden = model(**inputs).last_hidden_state
         emb = pool(hidden, inputs["attention_mask"], self.pooling)
         if self.projection is not None:

@@ -361,6 +361,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=PROCESSES.forget)
 
 
+def check_cached(order: np.ndarray, ids: TokenIds, texts: list[str], backend: RustTokenizer, max_length: int,
+                 vocabulary: int, sample: int = 16) -> None:
+    """A ValueError unless a cache file's arrays are what tokenising ``texts`` gives: ``order`` a permutation of the
+    texts, offsets rising from 0 to the number of ids, every id in the vocabulary, and ``sample`` texts (drawn by a
+    fixed seed) tokenised again to the same ids. A damaged file, or one another machine wrote for other texts, would
+    otherwise feed wrong (or out-of-range) ids to the model and still give a metric."""
+    offsets, flat = np.asarray(ids.offsets), np.asarray(ids.flat)
+    if order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(len(order))):
+        raise ValueError("its order is not a permutation of the texts")
+    if offsets.dtype.kind not in "iu" or offsets[0] != 0 or offsets[-1] != len(flat) or (np.diff(offsets) < 0).any():
+        raise ValueError("its offsets do not rise from 0 to the number of ids")
+    if len(flat) and (flat.dtype.kind not in "iu" or flat.min() < 0 or flat.max() >= vocabulary):
+        raise ValueError(f"it holds token ids outside the vocabulary of {vocabulary}")
+    rows = np.random.default_rng(0).choice(len(order), size=min(sample, len(order)), replace=False)
+    for row, expected in zip(rows, tokenize_ids(backend, [texts[order[row]] for row in rows], max_length)):
+        if flat[offsets[row]:offsets[row + 1]].tolist() != list(expected):
+            raise ValueError(f"its ids of text {order[row]} are not the tokenizer's")
+
+
 class TokenCache:
     """Tokenised texts kept between encodings, so tokenisation leaves the critical path: a corpus is tokenised
     once (by the Rust tokenizer on every core, chunk by chunk in a background thread while the GPU encodes the
@@ -412,6 +431,7 @@ class TokenCache:
                     order, ids = saved["order"], TokenIds(saved["flat"], saved["offsets"])
                 if len(order) != len(texts) or len(ids.offsets) != len(texts) + 1:
                     raise ValueError(f"it holds {len(order)} texts, not {len(texts)}")
+                check_cached(order, ids, texts, backend, max_length, len(tokenizer))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # e.g. a damaged file
                 warnings.warn(f"{file} could not be read ({err}); tokenising again and rewriting it.")
             else:
