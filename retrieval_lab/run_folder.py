@@ -10,7 +10,8 @@ The lock is an OS file lock (``filelock.FileLock`` on ``<folder>/.lock``): it is
 when it is killed, so a run stopped by SIGKILL can be resumed at once. A second run into a locked folder stops with
 one sentence naming the folder and the process holding it, and changes nothing there. The other processes of a
 distributed run (Lightning's, torchrun's, SLURM's) take no lock of their own: they check that the holder is the first
-process of their own job, and stop with that sentence otherwise. The process that takes a folder also removes the
+process of their own job (their parent, or the same job id and rendezvous address), and stop with that sentence
+otherwise. The process that takes a folder also removes the
 temporary files that a killed process left there (``.<name>.tmp<pid>``, ``<name>.partial/``).
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 LOCK, HOLDER, HYDRA_FILES = ".lock", ".lock.json", ".hydra"  # the lock, who holds it, Hydra's record of the run
-JOB_IDS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID")  # the same in every process of one launched job
+# the same in every process of one launched job (the rendezvous address too: two jobs cannot share it at once)
+JOB_IDS = ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_STEP_ID", "MASTER_ADDR", "MASTER_PORT")
 JOIN_WAIT = 120  # seconds a distributed run's other process waits for its first process to take the folder
 _HELD: dict[str, object] = {}  # folder -> its FileLock, at module level: Hydra's launchers pickle their callbacks
 
@@ -129,8 +131,8 @@ def unlock(folder: str | Path) -> None:
 
 def join(folder: str | Path, wait: float = JOIN_WAIT) -> None:
     """For a process of a distributed run other than the first: wait until the folder is locked by the first
-    process of this job (the same torchrun or SLURM job id; for Lightning's launcher, this process's parent), or
-    stop with one sentence when another run holds it."""
+    process of this job (this process's parent, as Lightning's launcher starts them on one machine; else the same
+    torchrun or SLURM job id and rendezvous address), or stop with one sentence when another run holds it."""
     from filelock import FileLock, Timeout
 
     folder = Path(folder).absolute()
@@ -144,8 +146,8 @@ def join(folder: str | Path, wait: float = JOIN_WAIT) -> None:
             held_by = None
         except Timeout:  # held: by this job's first process?
             held_by = read_holder(folder)
-            ours = (held_by.get("job") == job) if job else (held_by.get("pid") == os.getppid()
-                                                             and held_by.get("host") == socket.gethostname())
+            ours = (held_by.get("pid") == os.getppid() and held_by.get("host") == socket.gethostname()) or (
+                bool(job) and held_by.get("job") == job)
             if ours:
                 return
         except OSError as err:

@@ -283,11 +283,13 @@ def test_the_other_processes_of_a_distributed_run_join_only_their_own_first_proc
     join = "from retrieval_lab.run_folder import join; join({!r}, wait={}); print('joined')"
 
     def other_rank(run_id, wait=20, target=folder):
-        env = {**os.environ, "RANK": "1", "TORCHELASTIC_RUN_ID": run_id}
+        env = {**os.environ, "RANK": "1", "TORCHELASTIC_RUN_ID": run_id, "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": "29500"}
         return subprocess.run([sys.executable, "-c", join.format(str(target), wait)], cwd=ROOT, env=env,
                               capture_output=True, text=True)
 
-    holder = hold(folder, {"RANK": "0", "TORCHELASTIC_RUN_ID": "job-a"})
+    holder = hold(folder, {"RANK": "0", "TORCHELASTIC_RUN_ID": "job-a", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29500"})
     try:
         mine = other_rank("job-a")
         assert mine.returncode == 0 and "joined" in mine.stdout, mine.stderr
