@@ -1,4 +1,8 @@
-"""One process at a time in a run folder.
+"""The run folder: one process at a time in it, and what a rerun of a command finds there.
+
+A rerun with the same folder resumes from its last checkpoint when the settings that define the run are unchanged
+(``check_resumable``), and keeps the CSV rows logged before it (``csv_logger``); a run that starts afresh there moves
+the earlier run's outputs into ``previous/`` (``set_aside_earlier_run``).
 
 A Hydra callback (``hydra.callbacks.run_folder`` in every entry point's config) locks the run folder: for a run,
 ``hydra.run.dir`` before Hydra does anything there; for a multirun, the sweep folder for the launching process and
@@ -11,11 +15,13 @@ when it is killed, so a run stopped by SIGKILL can be resumed at once. A second 
 one sentence naming the folder and the process holding it, and changes nothing there. The other processes of a
 distributed run (Lightning's, torchrun's, SLURM's) take no lock of their own: they check that the holder is the first
 process of their own job (their parent, or the same job id and rendezvous address), and stop with that sentence
-otherwise. The process that takes a folder also removes the
-temporary files that a killed process left there (``.<name>.tmp<pid>``, ``<name>.partial/``).
+otherwise. The process that takes a folder also removes the temporary files that a killed process left there
+(``.<name>.tmp<pid>``, ``<name>.partial/``).
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -26,6 +32,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from retrieval_lab.errors import ConfigError
+from retrieval_lab.files import OutputError, atomic_write_text, load_checkpoint
 
 LOCK, HOLDER, HYDRA_FILES = ".lock", ".lock.json", ".hydra"  # the lock, who holds it, Hydra's record of the run
 # the same in every process of one launched job (the rendezvous address too: two jobs cannot share it at once)
@@ -97,8 +106,6 @@ def lock(folder: str | Path) -> None:
     use, or cannot be written (read-only, under a file, no space)."""
     from filelock import FileLock, Timeout
 
-    from retrieval_lab.files import OutputError, atomic_write_text
-
     folder = Path(folder).absolute()
     if str(folder) in _HELD:
         return
@@ -164,8 +171,6 @@ def save_hydra_files(config: DictConfig) -> None:
     here: ``hydra.output_subdir`` is null, so that nothing is written before the lock is taken)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from retrieval_lab.files import OutputError, atomic_write_text
-
     task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
     folder = Path(config.hydra.runtime.output_dir) / HYDRA_FILES
     try:
@@ -203,3 +208,123 @@ class RunFolderLock(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
         if config.hydra.mode.name == "MULTIRUN":
             unlock(config.hydra.runtime.output_dir)
+
+
+# What a run leaves in its folder, and how a rerun of its command continues or sets it aside
+
+RUN_OUTPUTS = ("metrics.json", "run_info.json", "model", "cross_encoder", "before", "after", "checkpoints", "csv",
+               "wandb")
+
+
+def set_aside_earlier_run(run_dir: Path) -> Path | None:
+    """A run that starts afresh in a folder holding another run's outputs (``resume=null``, or no checkpoint left)
+    moves them into ``previous/`` (``previous-2/``, ... when that is taken): nothing written before is lost, and
+    the folder never mixes the two runs' files (a report would label the old metrics with the new settings)."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found:
+        return None
+    aside, n = run_dir / "previous", 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"previous-{n}"
+    aside.mkdir()
+    for name in found:
+        os.replace(run_dir / name, aside / name)
+    print(f"starting afresh: the earlier run's outputs in {run_dir} are now in {aside}")
+    return aside
+
+
+def csv_logger(run_dir: Path, resume_step: int | None = None):
+    """<run dir>/csv/metrics.csv. A run resumed from a checkpoint of step N appends to it: Lightning's writer
+    deletes an existing file when it starts, so the rows logged before the checkpoint are put back (those of
+    steps N and later that training will log again are left out) and the writer learns their header. (A run
+    that starts afresh found the folder emptied by ``set_aside_earlier_run``.)"""
+    from lightning.pytorch.loggers import CSVLogger
+
+    path = run_dir / "csv" / "metrics.csv"
+    rows = list(csv.reader(path.read_text().splitlines())) if path.is_file() and resume_step is not None else []
+    logger = CSVLogger(run_dir, name="csv", version="")
+    writer = logger.experiment  # created here, deleting the file
+    if rows:
+        header = rows[0]
+        step, loss = header.index("step"), header.index("train/loss") if "train/loss" in header else None
+
+        def before(row: list[str]) -> bool:  # a row training will not log again: before step N, or not a step's
+            return float(row[step]) < resume_step or (float(row[step]) == resume_step and not (loss and row[loss]))
+
+        kept = io.StringIO(newline="")
+        csv.writer(kept).writerows([header] + [row for row in rows[1:] if before(row)])
+        atomic_write_text(path, kept.getvalue())
+        writer.metrics_keys = header  # the columns in the file's order
+    return logger
+
+
+# settings a resumed run may change: how long it trains, on what hardware, how it is evaluated, logged and
+# checkpointed (the rest define what it trains)
+RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
+                     "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
+                     "trainer.strategy", "trainer.precision", "num_workers", "eval.", "validation.", "checkpoint.",
+                     "logger.", "save_model")
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    """The config as a dict, with the encoder's effective settings where the model config leaves them null (a saved
+    folder's value, else the default; :func:`retrieval_lab.models.encoder.effective_settings`)."""
+    from retrieval_lab.models.encoder import effective_settings
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.model._target_.endswith(".Encoder"):
+        resolved["model"].update(effective_settings(cfg.model.name_or_path, resolved["model"]))
+    return resolved
+
+
+def run_settings(cfg: DictConfig) -> dict[str, str]:
+    """The resolved settings that define what a run trains (dotted key -> value), written into its checkpoints."""
+    def flatten(value, prefix: str = ""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from flatten(item, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], repr(value)
+
+    return {key: value for key, value in flatten(resolved_config(cfg)) if not key.startswith(RESUMABLE_CHANGES)}
+
+
+# settings added after some checkpoints were written: the new key -> the older setting its value came from then
+ADDED_SETTINGS = {"data.split_seed": "seed"}  # until stop 20, the dev carve and validation's sample followed seed
+
+
+def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
+    """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
+    temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
+    finished, report as its own)."""
+    state = load_checkpoint(checkpoint, f"resume={cfg.resume}", mmap=True)
+    step = int(state["global_step"])
+    saved = state.get("retrieval_lab_settings")
+    if saved is not None:
+        saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
+                 **saved}
+        now = run_settings(cfg)
+        changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+                   for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+        if changed:
+            raise ConfigError(f"resume={cfg.resume}: {checkpoint} was written by a run with other settings "
+                              f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); use another "
+                              f"hydra.run.dir (or hydra.sweep.dir), or resume=null to start afresh there.")
+    return step
+
+
+def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``resume=auto`` (or ``last``): the run directory's last.ckpt when there is one, so rerunning a command with
+    the same ``hydra.run.dir`` continues it; ``null``: always start afresh; a path: that checkpoint."""
+    if not cfg.resume:
+        return None
+    if cfg.resume in ("auto", "last"):
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            print(f"resuming from {last}")
+            return str(last)
+        return None
+    if not Path(cfg.resume).is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file.")
+    return str(cfg.resume)

@@ -5,8 +5,6 @@ Evaluates on the test split before and after training (by default), saves the mo
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from pathlib import Path
@@ -25,13 +23,13 @@ from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.sampling import tas_batch_sampler
 from retrieval_lab.errors import ConfigError, UserError, exit_on_user_error
-from retrieval_lab.files import atomic_save_folder, atomic_write_text, load_checkpoint
+from retrieval_lab.files import atomic_save_folder
 from retrieval_lab.mining.ance import AnceRefresh
-from retrieval_lab.models.encoder import effective_settings
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import read_json, write_json
 from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
-from retrieval_lab.run_folder import is_first_process
+from retrieval_lab.run_folder import (check_resumable, csv_logger, is_first_process, resolved_config, resume_from,
+                                      run_settings, set_aside_earlier_run)
 
 
 def hydra_job() -> dict:
@@ -65,53 +63,6 @@ def build_loggers(cfg: DictConfig, run_dir: Path, hparams: dict, resume_step: in
     for logger in loggers:
         logger.log_hyperparams(hparams)
     return loggers
-
-
-RUN_OUTPUTS = ("metrics.json", "run_info.json", "model", "cross_encoder", "before", "after", "checkpoints", "csv",
-               "wandb")
-
-
-def set_aside_earlier_run(run_dir: Path) -> Path | None:
-    """A run that starts afresh in a folder holding another run's outputs (``resume=null``, or no checkpoint left)
-    moves them into ``previous/`` (``previous-2/``, ... when that is taken): nothing written before is lost, and
-    the folder never mixes the two runs' files (a report would label the old metrics with the new settings)."""
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if not found:
-        return None
-    aside, n = run_dir / "previous", 1
-    while aside.exists():
-        n += 1
-        aside = run_dir / f"previous-{n}"
-    aside.mkdir()
-    for name in found:
-        os.replace(run_dir / name, aside / name)
-    print(f"starting afresh: the earlier run's outputs in {run_dir} are now in {aside}")
-    return aside
-
-
-def csv_logger(run_dir: Path, resume_step: int | None = None):
-    """<run dir>/csv/metrics.csv. A run resumed from a checkpoint of step N appends to it: Lightning's writer
-    deletes an existing file when it starts, so the rows logged before the checkpoint are put back (those of
-    steps N and later that training will log again are left out) and the writer learns their header. (A run
-    that starts afresh found the folder emptied by ``set_aside_earlier_run``.)"""
-    from lightning.pytorch.loggers import CSVLogger
-
-    path = run_dir / "csv" / "metrics.csv"
-    rows = list(csv.reader(path.read_text().splitlines())) if path.is_file() and resume_step is not None else []
-    logger = CSVLogger(run_dir, name="csv", version="")
-    writer = logger.experiment  # created here, deleting the file
-    if rows:
-        header = rows[0]
-        step, loss = header.index("step"), header.index("train/loss") if "train/loss" in header else None
-
-        def before(row: list[str]) -> bool:  # a row training will not log again: before step N, or not a step's
-            return float(row[step]) < resume_step or (float(row[step]) == resume_step and not (loss and row[loss]))
-
-        kept = io.StringIO(newline="")
-        csv.writer(kept).writerows([header] + [row for row in rows[1:] if before(row)])
-        atomic_write_text(path, kept.getvalue())
-        writer.metrics_keys = header  # the columns in the file's order
-    return logger
 
 
 def data_workers(cfg: DictConfig) -> int:
@@ -166,59 +117,6 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
     return datamodule, dev_qrels
 
 
-# settings a resumed run may change: how long it trains, on what hardware, how it is evaluated, logged and
-# checkpointed (the rest define what it trains)
-RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
-                     "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
-                     "trainer.strategy", "trainer.precision", "num_workers", "eval.", "validation.", "checkpoint.",
-                     "logger.", "save_model")
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    """The config as a dict, with the encoder's effective settings where the model config leaves them null (a saved
-    folder's value, else the default; :func:`retrieval_lab.models.encoder.effective_settings`)."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.model._target_.endswith(".Encoder"):
-        resolved["model"].update(effective_settings(cfg.model.name_or_path, resolved["model"]))
-    return resolved
-
-
-def run_settings(cfg: DictConfig) -> dict[str, str]:
-    """The resolved settings that define what a run trains (dotted key -> value), written into its checkpoints."""
-    def flatten(value, prefix: str = ""):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                yield from flatten(item, f"{prefix}{key}.")
-        else:
-            yield prefix[:-1], repr(value)
-
-    return {key: value for key, value in flatten(resolved_config(cfg)) if not key.startswith(RESUMABLE_CHANGES)}
-
-
-# settings added after some checkpoints were written: the new key -> the older setting its value came from then
-ADDED_SETTINGS = {"data.split_seed": "seed"}  # until stop 20, the dev carve and validation's sample followed seed
-
-
-def check_resumable(checkpoint: str, cfg: DictConfig) -> int:
-    """The step of ``checkpoint``; a ConfigError when it was written by a run with other settings (another loss,
-    temperature, learning rate, ...), whose weights this run would silently continue (or, when that run had
-    finished, report as its own)."""
-    state = load_checkpoint(checkpoint, f"resume={cfg.resume}", mmap=True)
-    step = int(state["global_step"])
-    saved = state.get("retrieval_lab_settings")
-    if saved is not None:
-        saved = {**{key: saved[older] for key, older in ADDED_SETTINGS.items() if key not in saved and older in saved},
-                 **saved}
-        now = run_settings(cfg)
-        changed = [f"{key}: {saved.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
-                   for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-        if changed:
-            raise ConfigError(f"resume={cfg.resume}: {checkpoint} was written by a run with other settings "
-                              f"({'; '.join(changed[:5])}{'; ...' if len(changed) > 5 else ''}); use another "
-                              f"hydra.run.dir (or hydra.sweep.dir), or resume=null to start afresh there.")
-    return step
-
-
 def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_set, dev_qrels,
                     logging: bool = True) -> list:
     every = cfg.checkpoint.every_n_steps
@@ -246,22 +144,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, dataset: BeirDataset, train_
                                              index=cfg.eval.index,
                                              ignore_identical_ids=cfg.eval.ignore_identical_ids))
     return callbacks
-
-
-def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
-    """``resume=auto`` (or ``last``): the run directory's last.ckpt when there is one, so rerunning a command with
-    the same ``hydra.run.dir`` continues it; ``null``: always start afresh; a path: that checkpoint."""
-    if not cfg.resume:
-        return None
-    if cfg.resume in ("auto", "last"):
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            print(f"resuming from {last}")
-            return str(last)
-        return None
-    if not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file.")
-    return str(cfg.resume)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:

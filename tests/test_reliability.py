@@ -201,7 +201,7 @@ def test_a_checkpoint_from_before_split_seed_resumes_when_the_split_is_the_same(
     """Checkpoints written before `data.split_seed` existed carved the dev split with `seed`: resuming one is
     accepted when split_seed equals that seed, and refused, naming data.split_seed, when it does not."""
     from retrieval_lab.errors import ConfigError
-    from retrieval_lab.train import check_resumable, run_settings
+    from retrieval_lab.run_folder import check_resumable, run_settings
 
     cfg = compose_train(["seed=7", "data.split_seed=7"])
     old = {key: value for key, value in run_settings(cfg).items() if key != "data.split_seed"}
@@ -220,7 +220,7 @@ def test_checkpoints_hold_the_encoder_settings_in_effect_not_the_configs_nulls(t
     explicit doc_max_length=256 (before, the written-out default could not be told from null)."""
     from retrieval_lab.errors import ConfigError
     from retrieval_lab.models.encoder import Encoder
-    from retrieval_lab.train import check_resumable, run_settings
+    from retrieval_lab.run_folder import check_resumable, run_settings
 
     cfg = compose_train([])
     assert run_settings(cfg)["model.pooling"] == "'mean'" and run_settings(cfg)["model.doc_max_length"] == "256"
