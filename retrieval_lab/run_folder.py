@@ -7,8 +7,8 @@ the earlier run's outputs into ``previous/`` (``set_aside_earlier_run``).
 A Hydra callback (``hydra.callbacks.run_folder`` in every entry point's config) locks the run folder: for a run,
 ``hydra.run.dir`` before Hydra does anything there; for a multirun, the sweep folder for the launching process and
 each job's folder for its job. Hydra itself writes nothing into a folder before it is locked: the entry points'
-configs set ``hydra.output_subdir: null`` and open the log file at its first line (``delay``), and the callback writes
-``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml, as Hydra would) once it holds the lock.
+configs set ``hydra.output_subdir: null`` and open the log file at its first line (``hydra/job_logging=delayed``), and
+the callback writes ``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml, as Hydra would) once it holds the lock.
 
 The lock is an OS file lock (``filelock.FileLock`` on ``<folder>/.lock``): it is released when the process ends, also
 when it is killed, so a run stopped by SIGKILL can be resumed at once. A second run into a locked folder stops with

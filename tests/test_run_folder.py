@@ -324,3 +324,17 @@ def test_a_model_folder_save_that_fails_keeps_the_earlier_folder(tmp_path, monke
         atomic_save_folder(tmp_path / "model", save)
     assert (tmp_path / "model" / "config.json").read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("logging", ["delayed", "disabled", "default"])
+def test_any_job_logging_option_runs_and_the_hydra_files_are_written(logging, beir_folder, tmp_path):
+    """The log file opens at its first line by default (hydra/job_logging=delayed); Hydra's own options still work, and
+    in each the lock callback writes the run's .hydra/ files as Hydra would."""
+    result = run_module("retrieval_lab.evaluate", "retriever=bm25", "data=beir", f"data.path={beir_folder}",
+                        f"hydra/job_logging={logging}", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text().splitlines() == [
+        "- retriever=bm25", "- data=beir", f"- data.path={beir_folder}"]
+    assert f"hydra/job_logging: {logging}" in (tmp_path / ".hydra" / "hydra.yaml").read_text()
+    assert (tmp_path / "evaluate.log").exists() == (logging == "default")  # evaluate logs no line with BM25
