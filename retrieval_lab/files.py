@@ -20,9 +20,14 @@ class OutputError(UserError):
     """An output could not be written (no space left, a read-only folder, a path under a file)."""
 
 
-def write_failed(path: str | Path, err: OSError) -> OutputError:
-    reason = err.strerror or str(err)
-    return OutputError(f"could not write {path} ({reason}); what was written before it is as it was.")
+def write_failed(path: str | Path, err: BaseException) -> OutputError | None:
+    """The one sentence for a write of ``path`` that the machine refused (any OSError of the write, also one wrapped
+    in another error: torch.save raises a RuntimeError for the OSError of a full disk); None for any other error."""
+    refused = err if isinstance(err, OSError) else find_unwritable(err, context=True)
+    if refused is None:
+        return None
+    return OutputError(f"could not write {path} ({refused.strerror or refused}); what was written before it is as it "
+                       f"was.")
 
 
 def temporary_name(path: Path) -> Path:
@@ -42,10 +47,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        # any OSError of the write; torch.save, for one, wraps the OSError of a full disk in a RuntimeError
-        refused = err if isinstance(err, OSError) else find_unwritable(err, context=True)
+        refused = write_failed(path, err)
         if refused is not None:
-            raise write_failed(path, refused) from None
+            raise refused from None
         raise
 
 
@@ -58,7 +62,7 @@ def atomic_save_folder(path: str | Path, save: Callable[[Path], None]) -> None:
     leaves a complete-looking folder, and a failed save removes the partial one (an earlier ``path`` stays, and is
     removed only once the new one is in place)."""
     path = Path(path)
-    partial, old = path.with_name(path.name + ".partial"), path.with_name(f".{path.name}.tmp{os.getpid()}")
+    partial, old = path.with_name(path.name + ".partial"), temporary_name(path)
     try:
         shutil.rmtree(partial, ignore_errors=True)
         save(partial)
@@ -73,9 +77,9 @@ def atomic_save_folder(path: str | Path, save: Callable[[Path], None]) -> None:
         shutil.rmtree(old, ignore_errors=True)
     except BaseException as err:
         shutil.rmtree(partial, ignore_errors=True)
-        refused = err if isinstance(err, OSError) else find_unwritable(err, context=True)
+        refused = write_failed(path, err)
         if refused is not None:
-            raise write_failed(path, refused) from None
+            raise refused from None
         raise
 
 
