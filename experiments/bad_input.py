@@ -250,7 +250,7 @@ def cases(folder: Path, work: Path, model: Path):
         import numpy as np
 
         from retrieval_lab.models.encoder import load_tokenizer
-        from retrieval_lab.retrieval.tokenization import TokenCache, rust_tokenizer
+        from retrieval_lab.tokenization import TokenCache, rust_tokenizer
 
         tokenizer, texts = load_tokenizer(str(model)), ["a text", "another text"]
         cache = TokenCache(folder=work / "tokens")
@@ -265,7 +265,7 @@ def cases(folder: Path, work: Path, model: Path):
 
     def cache_with_other_ids():
         from retrieval_lab.models.encoder import load_tokenizer
-        from retrieval_lab.retrieval.tokenization import TokenCache
+        from retrieval_lab.tokenization import TokenCache
 
         tokenizer, texts = load_tokenizer(str(model)), ["a text", "another text"]
         list(TokenCache(folder=work / "tokens").stream(tokenizer, texts, 16))

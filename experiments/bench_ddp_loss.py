@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab.data.datamodule import false_negatives
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.losses.samtone import SamToNeLoss, share_a_positive
@@ -36,7 +37,7 @@ def timed(loss, q, d, group, rows, repeat: int) -> tuple[float, float]:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        loss(qq, dd, group_size=group, rows=rows).backward()
+        loss_on_vectors(loss, qq, dd, group_size=group, rows=rows).backward()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

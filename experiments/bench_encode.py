@@ -24,7 +24,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder, pool
 from retrieval_lab.retrieval.dense import TorchIndex
 from retrieval_lab.retrieval.encoding import encode_texts
-from retrieval_lab.retrieval.tokenization import TokenCache, worker_plan
+from retrieval_lab.tokenization import TokenCache, worker_plan
 from retrieval_lab.retrieval.metrics import evaluate_run
 
 

@@ -29,7 +29,7 @@ import torch
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import load_tokenizer
-from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+from retrieval_lab.tokenization import PROCESSES, TokenCache
 
 
 def launch(stop: threading.Event) -> tuple[int, float]:

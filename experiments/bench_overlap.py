@@ -25,7 +25,7 @@ import torch
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import Encoder
 from retrieval_lab.retrieval.encoding import encode_texts
-from retrieval_lab.retrieval.tokenization import TokenCache, rust_tokenizer, tokenize_ids, worker_plan
+from retrieval_lab.tokenization import TokenCache, rust_tokenizer, tokenize_ids, worker_plan
 
 WAITS = ("aten::item", "aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize",
          "cudaEventSynchronize", "cudaHostAlloc", "aten::pin_memory")

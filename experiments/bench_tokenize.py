@@ -24,7 +24,7 @@ import numpy as np
 
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.models.encoder import load_tokenizer
-from retrieval_lab.retrieval.tokenization import RustTokenizer, TokenCache, tokenize_ids, worker_plan
+from retrieval_lab.tokenization import RustTokenizer, TokenCache, tokenize_ids, worker_plan
 
 
 def main() -> None:

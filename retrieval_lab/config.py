@@ -199,7 +199,7 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.get("module") and cfg.negatives.module._target_.endswith("MoCoModule"):
         raise ConfigError(f"negatives=moco cannot be used with module={cfg.module._target_.rsplit('.', 1)[-1]}: "
                           "that module trains on negatives files, without a momentum queue.")
-    needs_teacher = getattr(get_class(cfg.loss._target_), "needs_teacher", False)
+    needs_teacher = "teacher" in get_class(cfg.loss._target_).needs
     if cfg.negatives.module._target_.endswith("MoCoModule"):
         from retrieval_lab.models.encoder import read_saved_settings
 

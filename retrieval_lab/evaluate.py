@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     dataset = BeirDataset(cfg.data.path)
     if cfg.get("token_cache_dir"):  # imported here: BM25 alone needs no torch
-        from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
+        from retrieval_lab.tokenization import TOKEN_CACHE
 
         TOKEN_CACHE.folder = cfg.token_cache_dir
     split = dataset.split(cfg.split)

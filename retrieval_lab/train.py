@@ -27,7 +27,7 @@ from retrieval_lab.files import atomic_save_folder
 from retrieval_lab.mining.ance import AnceRefresh
 from retrieval_lab.retrieval.evaluation import evaluate_retriever, print_table
 from retrieval_lab.retrieval.runfile import read_json, write_json
-from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, machine_cores
+from retrieval_lab.tokenization import TOKEN_CACHE, machine_cores
 from retrieval_lab.run_folder import (check_resumable, csv_logger, is_first_process, resolved_config, resume_from,
                                       run_settings, set_aside_earlier_run)
 
@@ -95,7 +95,7 @@ def build_data(cfg: DictConfig, dataset: BeirDataset, module) -> tuple[Retrieval
         extras["negatives"] = read_negatives(cfg.negatives.file, dataset, train_qrels)
     if cfg.negatives.get("balanced_bins"):
         extras["balanced_bins"] = cfg.negatives.balanced_bins
-    if getattr(module.loss, "needs_teacher", False) and not getattr(module, "provides_teacher", False):
+    if module.loss is not None and "teacher" in module.loss.needs and "teacher" not in module.provides:
         extras["teacher"] = True
     if cfg.data.dev_split:
         dev_qrels = dataset.qrels(cfg.data.dev_split)

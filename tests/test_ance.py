@@ -143,7 +143,7 @@ def test_the_table_in_use_travels_with_the_checkpoint(beir_folder, bm25_negative
 def test_every_refresh_after_the_first_reuses_the_tokenised_corpus(tiny_model, beir_folder):
     """The refresh's snapshot of the encoder shares its tokenizer, so the token cache (keyed by the tokenizer)
     tokenises the corpus and the queries once, not at every refresh, and holds one copy of each."""
-    from retrieval_lab.retrieval.tokenization import TOKEN_CACHE
+    from retrieval_lab.tokenization import TOKEN_CACHE
 
     misses = TOKEN_CACHE.misses
     data = BeirDataset(beir_folder)

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_module
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab import config
 from retrieval_lab.data.beir import BeirDataset, Document
 from retrieval_lab.data.datamodule import GroupCollator
@@ -184,7 +185,7 @@ def test_rocketqa_ranker_learns_from_labels_only_and_retriever_from_the_ranker(t
             assert torch.allclose(grads[name], p.grad, atol=1e-6), name
     module.zero_grad()
     q, d = module(batch)
-    kl = ListwiseKLLoss(temperature=0.1)(q, d, 3, teacher=logits.detach())
+    kl = loss_on_vectors(ListwiseKLLoss(temperature=0.1), q, d, 3, teacher=logits.detach())
     assert module.training_step(batch, 0).item() == pytest.approx(
         kl.item() + torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)).item(), rel=1e-5)
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.losses.listwise_kl import ListwiseKLLoss
@@ -49,13 +50,13 @@ def kl_by_hand(q, d, teacher, G, tau, tau_t):
 @pytest.mark.parametrize("G,scale", [(2, 1.0), (4, 1.0), (4, 7.5)])
 def test_margin_mse_matches_formula(G, scale):
     q, d, teacher = batch(G=G)
-    loss = MarginMSELoss(scale=scale)(q, d, group_size=G, teacher=teacher)
+    loss = loss_on_vectors(MarginMSELoss(scale=scale), q, d, group_size=G, teacher=teacher)
     assert loss.item() == pytest.approx(margin_mse_by_hand(q, d, teacher, G, scale), rel=1e-6)
 
 
 def test_margin_mse_with_in_batch_term():
     q, d, teacher = batch(G=3)
-    loss = MarginMSELoss(alpha=0.3, temperature=0.1)(q, d, group_size=3, teacher=teacher)
+    loss = loss_on_vectors(MarginMSELoss(alpha=0.3, temperature=0.1), q, d, group_size=3, teacher=teacher)
     expected = margin_mse_by_hand(q, d, teacher, 3) + 0.3 * infonce_by_hand(q, d, 3, 0.1)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
@@ -64,21 +65,21 @@ def test_margin_mse_with_in_batch_term():
 def test_listwise_kl_matches_formula(tau, tau_t):
     q, d, teacher = batch(G=5, seed=1)
     q = torch.nn.functional.normalize(q.detach(), dim=-1).requires_grad_(True)
-    loss = ListwiseKLLoss(temperature=tau, teacher_temperature=tau_t)(q, d, group_size=5, teacher=teacher)
+    loss = loss_on_vectors(ListwiseKLLoss(temperature=tau, teacher_temperature=tau_t), q, d, group_size=5, teacher=teacher)
     assert loss.item() == pytest.approx(kl_by_hand(q, d, teacher, 5, tau, tau_t), rel=1e-6)
 
 
 def test_listwise_kl_is_zero_when_the_student_agrees():
     q, d, _ = batch(G=4, seed=2)
     student = torch.einsum("bh,bgh->bg", q, d.view(3, 4, -1)).detach()
-    loss = ListwiseKLLoss(temperature=0.5, teacher_temperature=1.0)(q, d, 4, teacher=student / 0.5 + 3.0)
+    loss = loss_on_vectors(ListwiseKLLoss(temperature=0.5, teacher_temperature=1.0), q, d, 4, teacher=student / 0.5 + 3.0)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # the loss works in float32
 
 
 @pytest.mark.parametrize("loss", [MarginMSELoss(), MarginMSELoss(alpha=0.5), ListwiseKLLoss()])
 def test_gradients_reach_the_student_only(loss):
     q, d, teacher = batch(G=3, seed=3)
-    loss(q, d, group_size=3, teacher=teacher).backward()
+    loss_on_vectors(loss, q, d, group_size=3, teacher=teacher).backward()
     assert teacher.grad is None
     assert q.grad.abs().sum() > 0 and (d.grad.abs().sum(dim=1) > 0).all()
 
@@ -88,7 +89,7 @@ def test_without_in_batch_term_a_query_only_moves_its_own_group():
     from the other queries' terms (checked through the loss of query 0 alone)."""
     for loss in (MarginMSELoss(), ListwiseKLLoss()):
         q, d, teacher = batch(G=3, seed=4)
-        loss(q[:1], d[:3], group_size=3, teacher=teacher[:1]).backward()
+        loss_on_vectors(loss, q[:1], d[:3], group_size=3, teacher=teacher[:1]).backward()
         assert (d.grad[3:] == 0).all() and (q.grad[1:] == 0).all()
 
 
@@ -96,9 +97,9 @@ def test_teacher_losses_refuse_missing_teacher_and_bad_settings():
     q, d, _ = batch(G=2)
     for loss in (MarginMSELoss(), ListwiseKLLoss()):
         with pytest.raises(ConfigError, match="teacher scores"):
-            loss(q, d, group_size=2)
+            loss_on_vectors(loss, q, d, group_size=2)
     with pytest.raises(ConfigError, match="loss.scale"):
         MarginMSELoss(scale=0)
     with pytest.raises(ConfigError, match="loss.teacher_temperature"):
         ListwiseKLLoss(teacher_temperature=-1)
-    assert not getattr(InfoNCELoss(), "needs_teacher", False)
+    assert "teacher" not in InfoNCELoss().needs

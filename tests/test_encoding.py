@@ -30,7 +30,7 @@ def test_encoding_keeps_input_order_despite_length_sorting(encoder):
 def test_token_cache_and_token_budget_batches(tiny_model):
     """Texts are tokenised once and reused; token-budget batches give the embeddings of one-by-one encoding."""
     from retrieval_lab.retrieval.encoding import token_batches
-    from retrieval_lab.retrieval.tokenization import TokenCache
+    from retrieval_lab.tokenization import TokenCache
 
     encoder = Encoder(tiny_model, doc_max_length=32)
     texts = ["a protein study of cancer cells in the liver"] * 3 + ["gene", "virus and vaccine", "x " * 40]
@@ -91,7 +91,7 @@ def test_an_encoding_that_fails_stops_tokenising_in_the_background(encoder, monk
     tokenised: the background thread does not go on through the corpus after the error."""
     import time
 
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     done, tokenize_ids = [], tokenization.tokenize_ids
 

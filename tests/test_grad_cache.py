@@ -61,7 +61,7 @@ def test_biencoder_cached_equals_plain(tiny_model, loss, group, chunk):
     torch.manual_seed(0)
     encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32).eval()  # no dropout: exact comparison
     module = BiEncoderModule(encoder, loss, group_size=group)
-    batch = make_batch(encoder, group, teacher=getattr(loss, "needs_teacher", False))
+    batch = make_batch(encoder, group, teacher="teacher" in loss.needs)
     assert_same(*plain_and_cached(module, batch, chunk))
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import InfoNCELoss
 
@@ -33,7 +34,7 @@ def test_infonce_matches_formula(group, bidirectional):
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1)
     d = torch.nn.functional.normalize(torch.randn(4 * group, 8, dtype=torch.float64), dim=-1)
-    loss = InfoNCELoss(temperature=0.1, bidirectional=bidirectional)(q, d, group_size=group)
+    loss = loss_on_vectors(InfoNCELoss(temperature=0.1, bidirectional=bidirectional), q, d, group_size=group)
     assert loss.item() == pytest.approx(by_hand(q, d, group, 0.1, bidirectional=bidirectional), rel=1e-6)
 
 
@@ -43,15 +44,15 @@ def test_mask_removes_false_negatives():
     mask = torch.zeros(3, 3, dtype=torch.bool)
     mask[0, 2] = True  # document 2 is also relevant to query 0
     for bidirectional in (False, True):
-        loss = InfoNCELoss(0.5, bidirectional)(q, d, 1, mask)
+        loss = loss_on_vectors(InfoNCELoss(0.5, bidirectional), q, d, 1, mask)
         assert loss.item() == pytest.approx(by_hand(q, d, 1, 0.5, mask, bidirectional), rel=1e-6)
-    assert InfoNCELoss(0.5)(q, d, 1, mask).item() != pytest.approx(InfoNCELoss(0.5)(q, d).item())
+    assert loss_on_vectors(InfoNCELoss(0.5), q, d, 1, mask).item() != pytest.approx(loss_on_vectors(InfoNCELoss(0.5), q, d).item())
 
 
 def test_gradient_reaches_queries_and_documents():
     q = torch.randn(4, 6, requires_grad=True)
     d = torch.randn(4, 6, requires_grad=True)
-    InfoNCELoss(0.05)(q, d).backward()
+    loss_on_vectors(InfoNCELoss(0.05), q, d).backward()
     assert q.grad.abs().sum() > 0 and d.grad.abs().sum() > 0
 
 
@@ -80,7 +81,7 @@ def test_scores_stay_float32_under_bf16_autocast(name):
     def value_and_grad(autocast: bool):
         qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            value = loss(qq, dd, group_size=2, **extra)
+            value = loss_on_vectors(loss, qq, dd, group_size=2, **extra)
         value.backward()
         return value.detach(), qq.grad, dd.grad
 
@@ -111,7 +112,7 @@ def test_the_loss_of_the_batch_is_the_mean_of_its_row_shares(name):
 
     def value_and_grad(rows):
         qq, dd = q.clone().requires_grad_(), d.clone().requires_grad_()
-        value = loss(qq, dd, group_size=2, rows=rows, **extra)
+        value = loss_on_vectors(loss, qq, dd, group_size=2, rows=rows, **extra)
         value.backward()
         return value.detach(), qq.grad, dd.grad
 

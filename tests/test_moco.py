@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule
 from retrieval_lab.data.pairs import CroppingPairs, SupervisedPairs
@@ -56,8 +57,8 @@ def test_queue_enters_the_loss_as_extra_negatives(module):
     q = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
     k = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
     module.enqueue(torch.nn.functional.normalize(torch.randn(3, 32), dim=-1))
-    with_queue = module.loss(q, k, queue=module.current_queue())
-    assert with_queue > module.loss(q, k)
+    with_queue = loss_on_vectors(module.loss, q, k, queue=module.current_queue())
+    assert with_queue > loss_on_vectors(module.loss, q, k)
 
 
 def fit(module, beir_folder, root, max_steps, ckpt_path=None, pairs=None, callbacks=None, max_epochs=None):
@@ -114,15 +115,15 @@ def test_queue_mask_enters_infonce_and_samtone_as_by_hand():
         logits = [float(q[i] @ d[j]) / tau for j in range(2)]
         logits += [float(q[i] @ queue[m]) / tau for m in range(3) if not queue_mask[i, m]]
         expected += -(logits[i] - math.log(sum(math.exp(x) for x in logits))) / 2
-    loss = InfoNCELoss(tau)(q, d, queue=queue, queue_mask=queue_mask)
+    loss = loss_on_vectors(InfoNCELoss(tau), q, d, queue=queue, queue_mask=queue_mask)
     assert loss.item() == pytest.approx(expected, rel=1e-9)
-    assert InfoNCELoss(tau)(q, d, queue=queue).item() != pytest.approx(expected, rel=1e-6)
+    assert loss_on_vectors(InfoNCELoss(tau), q, d, queue=queue).item() != pytest.approx(expected, rel=1e-6)
     # SamToNe: masking queue column 1 for every query equals leaving it out of the queue
     every_row = torch.tensor([[False, True, False]] * 2)
     for bidirectional in (False, True):
         samtone = SamToNeLoss(tau, bidirectional=bidirectional)
-        assert samtone(q, d, queue=queue, queue_mask=every_row).item() == pytest.approx(
-            samtone(q, d, queue=queue[[0, 2]]).item(), rel=1e-9)
+        assert loss_on_vectors(samtone, q, d, queue=queue, queue_mask=every_row).item() == pytest.approx(
+            loss_on_vectors(samtone, q, d, queue=queue[[0, 2]]).item(), rel=1e-9)
 
 
 def test_queue_ids_survive_a_state_dict_round_trip_and_old_checkpoints_load(module, tiny_model):
@@ -155,14 +156,14 @@ def test_queue_never_holds_a_negative_copy_of_the_querys_positive(tiny_model, be
     by_id = {blake2b_id(d): d for d in dataset.corpus}
 
     seen, scored = [], []
-    record = infonce.contrastive_scores
+    record = infonce.contrastive_logits
 
     def recording(*args, **kwargs):
         scores, targets = record(*args, **kwargs)
         scored.append(scores.detach())
         return scores, targets
 
-    monkeypatch.setattr(infonce, "contrastive_scores", recording)
+    monkeypatch.setattr(infonce, "contrastive_logits", recording)
 
     class Before(L.Callback):  # the batch's judged positives and the queue the step scores against
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

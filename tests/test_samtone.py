@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from retrieval_lab.models.family import loss_on_vectors
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.losses.samtone import SamToNeLoss
@@ -41,15 +42,15 @@ def tensors(B=4, G=2, D=6, K=5, seed=0):
 def test_samtone_matches_formula(side, group, with_queue):
     q, d, queue = tensors(G=group)
     queue = queue if with_queue else None
-    loss = SamToNeLoss(temperature=0.1, side=side)(q, d, group_size=group, queue=queue)
+    loss = loss_on_vectors(SamToNeLoss(temperature=0.1, side=side), q, d, group_size=group, queue=queue)
     assert loss.item() == pytest.approx(by_hand(q, d, group, 0.1, side, queue), rel=1e-6)
 
 
 def test_samtone_is_infonce_plus_more_negatives():
     q, d, queue = tensors(G=1)
-    infonce = InfoNCELoss(0.1)(q, d, queue=queue)
-    assert SamToNeLoss(0.1, "query")(q, d, queue=queue) > infonce  # a larger denominator, a larger loss
-    assert InfoNCELoss(0.1)(q, d, queue=queue).item() == pytest.approx(by_hand(q, d, 1, 0.1, "none", queue), rel=1e-6)
+    infonce = loss_on_vectors(InfoNCELoss(0.1), q, d, queue=queue)
+    assert loss_on_vectors(SamToNeLoss(0.1, "query"), q, d, queue=queue) > infonce  # a larger denominator, a larger loss
+    assert loss_on_vectors(InfoNCELoss(0.1), q, d, queue=queue).item() == pytest.approx(by_hand(q, d, 1, 0.1, "none", queue), rel=1e-6)
 
 
 def by_hand_dropping(q, d, tau, side, mask, dropped):
@@ -74,7 +75,7 @@ def test_same_tower_pairs_sharing_a_positive_are_dropped(side):
     mask = torch.zeros(3, 3, dtype=torch.bool)
     mask[0, 1] = True
     dropped = {(0, 1), (1, 0)} if side == "query" else {(0, 1)}
-    loss = SamToNeLoss(0.1, side)(q, d, mask=mask)
+    loss = loss_on_vectors(SamToNeLoss(0.1, side), q, d, mask=mask)
     assert loss.item() == pytest.approx(by_hand_dropping(q, d, 0.1, side, mask, dropped), rel=1e-6)
 
 
@@ -84,17 +85,17 @@ def test_queries_that_share_a_positive_drop_each_other_whichever_positive_they_d
     q, d, _ = tensors(B=3, G=1)  # columns: A (query 0's target), B (query 1's target), C (query 2's)
     mask = torch.zeros(3, 3, dtype=torch.bool)
     mask[1, 0] = True  # A is also a positive of query 1
-    loss = SamToNeLoss(0.1, "query")(q, d, mask=mask)
+    loss = loss_on_vectors(SamToNeLoss(0.1, "query"), q, d, mask=mask)
     assert loss.item() == pytest.approx(by_hand_dropping(q, d, 0.1, "query", mask, {(0, 1), (1, 0)}), rel=1e-6)
 
 
 def test_query_side_gradient_reaches_other_queries():
     q, d, _ = tensors(G=1)
     q.requires_grad_(True)
-    SamToNeLoss(0.1, "query")(q, d.detach()).backward()
+    loss_on_vectors(SamToNeLoss(0.1, "query"), q, d.detach()).backward()
     g_samtone = q.grad.clone()
     q.grad = None
-    InfoNCELoss(0.1)(q, d.detach()).backward()
+    loss_on_vectors(InfoNCELoss(0.1), q, d.detach()).backward()
     assert not torch.allclose(g_samtone, q.grad)
 
 

@@ -27,7 +27,7 @@ def test_bm25_matches_the_reference_figure():
 def test_prefix_tokenisation_equals_the_tokenizer_on_the_corpus():
     """Most SciFact documents pass 256 tokens, so most are tokenised from a prefix: the ids must not change."""
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import CHARS_PER_TOKEN, cut_at_space, rust_tokenizer, tokenize_ids
+    from retrieval_lab.tokenization import CHARS_PER_TOKEN, cut_at_space, rust_tokenizer, tokenize_ids
 
     tokenizer = load_tokenizer("packaged:minilm")
     texts = [doc.full_text for doc in BeirDataset(SCIFACT).corpus.values()]

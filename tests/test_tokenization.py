@@ -13,7 +13,7 @@ def test_token_cache_folder_keeps_tokenised_texts_for_later_runs(tiny_model, tmp
     """With a folder, tokenised texts are written there and a new cache (a later run) reads them back instead of
     tokenising; another length or other texts get another file; a damaged file is tokenised again."""
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import TokenCache
+    from retrieval_lab.tokenization import TokenCache
 
     tokenizer = load_tokenizer(str(tiny_model))
     texts = ["a protein study of cancer cells in the liver", "gene", "virus and vaccine", "x " * 40]
@@ -41,7 +41,7 @@ def test_token_cache_folder_keeps_tokenised_texts_for_later_runs(tiny_model, tmp
 
 def test_token_ids_pad_like_lists_padded_by_hand():
     """Token ids kept in one flat array: any rows, padded, equal the lists padded one by one; chunks concatenate."""
-    from retrieval_lab.retrieval.tokenization import TokenIds
+    from retrieval_lab.tokenization import TokenIds
 
     rng = np.random.default_rng(0)
     lists = [rng.integers(1000, 30000, size=n).tolist() for n in (5, 1, 12, 3, 12, 7)]
@@ -75,7 +75,7 @@ def test_tokenising_a_prefix_of_long_texts_gives_the_whole_texts_tokens(tiny_mod
     from tokenizers import pre_tokenizers
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     rng = np.random.default_rng(0)
     words = ["protein", "cancer", "virus", "immunohistochemistry" * 3, "cell", "a", "of", "the", "and", ",", "."]
@@ -107,7 +107,7 @@ def test_pre_tokenizers_that_keep_spaces_inside_tokens_tokenise_whole_texts(tiny
     from tokenizers import pre_tokenizers
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     cases = [(load_tokenizer(str(tiny_model)), True), (_trained_tokenizer(pre_tokenizers.Metaspace()), True),
              (_trained_tokenizer(pre_tokenizers.Metaspace(split=False)), False),
@@ -130,7 +130,7 @@ def test_ascii_texts_normalised_in_python_get_the_ids_of_berts_normaliser(tiny_m
     from tokenizers import Tokenizer
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import RustTokenizer
+    from retrieval_lab.tokenization import RustTokenizer
 
     config = json.loads(load_tokenizer(str(tiny_model)).backend_tokenizer.to_str())
     every_char = "".join(map(chr, range(128)))
@@ -156,7 +156,7 @@ def test_rust_backend_copies_are_made_once_and_go_with_their_tokenizer(tiny_mode
     import gc
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     tokenizer = load_tokenizer(str(tiny_model))
     backend = tokenization.rust_tokenizer(tokenizer, 16)
@@ -178,7 +178,7 @@ def test_worker_processes_give_the_ids_of_this_process(tiny_model):
     ids tokenised in this process; a worker learns each tokenizer once; embeddings are the same either way."""
     from retrieval_lab.models.encoder import Encoder, load_tokenizer
     from retrieval_lab.retrieval.encoding import encode_texts
-    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+    from retrieval_lab.tokenization import PROCESSES, TokenCache
 
     tokenizer = load_tokenizer(str(tiny_model))
     texts = TEXTS * 3
@@ -199,7 +199,7 @@ def test_a_worker_that_stops_leaves_its_texts_to_this_process(tiny_model, monkey
     texts, and the rest, to this process, with a warning naming it; a worker that cannot tokenise answers with the
     error and goes on."""
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import (PROCESSES, TokenCache, TokenizerProcess, WorkerError,
+    from retrieval_lab.tokenization import (PROCESSES, TokenCache, TokenizerProcess, WorkerError,
                                                       rust_tokenizer)
 
     tokenizer = load_tokenizer(str(tiny_model))
@@ -248,7 +248,7 @@ def test_a_caller_that_stops_early_does_not_wait_for_the_rest_of_the_corpus(tiny
     import time
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     tokenizer = load_tokenizer(str(tiny_model))
     done, request, tokenize_ids = [], tokenization.PROCESSES.ids, tokenization.tokenize_ids
@@ -273,7 +273,7 @@ def test_a_caller_that_stops_early_does_not_wait_for_the_rest_of_the_corpus(tiny
 
 
 def tokenise_in_a_forked_child(tokenizer, results) -> None:
-    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+    from retrieval_lab.tokenization import PROCESSES, TokenCache
 
     inherited = list(PROCESSES.workers)
     ids = {int(i): x for idx, chunk in TokenCache().stream(tokenizer, TEXTS, 16, chunk=2, processes=1)
@@ -289,7 +289,7 @@ def test_a_forked_child_starts_its_own_workers_and_leaves_the_parents_alone(tiny
     import multiprocessing
 
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import PROCESSES, TokenCache
+    from retrieval_lab.tokenization import PROCESSES, TokenCache
 
     tokenizer = load_tokenizer(str(tiny_model))
     expected = dict(enumerate(tokenizer(TEXTS, truncation=True, max_length=16)["input_ids"]))
@@ -315,7 +315,7 @@ def test_worker_plan_leaves_a_core_to_the_gpu_process(monkeypatch):
     """auto: no workers on a CPU; on a GPU one per 3 cores (at most 4), the other cores shared among them, one core
     left over; the cores are split among the processes of a distributed run on this machine."""
     from retrieval_lab.errors import ConfigError
-    from retrieval_lab.retrieval import tokenization
+    from retrieval_lab import tokenization
 
     monkeypatch.setattr(tokenization.os, "sched_getaffinity", lambda pid: set(range(16)))
     for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "WORLD_SIZE"):

@@ -89,7 +89,7 @@ def test_a_token_cache_file_holding_pickled_objects_is_not_unpickled(tiny_model,
     """np.load without allow_pickle: the object array is refused, the texts are tokenised again and the file
     rewritten with plain arrays."""
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import TokenCache, rust_tokenizer
+    from retrieval_lab.tokenization import TokenCache, rust_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model))
     texts = ["a protein study", "gene and virus"]
@@ -152,7 +152,7 @@ def test_a_token_cache_file_whose_ids_are_not_the_tokenizers_is_tokenised_again(
     """A cache file from another machine, or a damaged one, with plain arrays of the right shapes: its ids are
     checked (range, offsets, a sample tokenised again), so wrong ids never reach the model."""
     from retrieval_lab.models.encoder import load_tokenizer
-    from retrieval_lab.retrieval.tokenization import TokenCache
+    from retrieval_lab.tokenization import TokenCache
 
     tokenizer = load_tokenizer(str(tiny_model))
     texts = [f"text number {i} about {w}" for i, w in enumerate(["genes", "cells", "virus", "liver"] * 10)]

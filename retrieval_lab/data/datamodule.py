@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from retrieval_lab.data.sampling import EpochSampler
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.scores import FalseNegatives
-from retrieval_lab.retrieval.tokenization import tokenize_padded
+from retrieval_lab.tokenization import tokenize_padded
 
 
 def false_negatives(doc_ids: list[str], positives: list[list[str]], group: int) -> FalseNegatives:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Sampler
 
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.dense import distributed_rank_world
+from retrieval_lab.distributed import distributed_rank_world
 
 
 def cluster_embeddings(embeddings: np.ndarray, k: int, seed: int = 0, min_size: int = 1) -> np.ndarray:

@@ -1,2 +1,2 @@
-"""Losses, one per file. Each takes query embeddings ``q`` (B x D) and document embeddings ``d`` (B*G x D)
-laid out in groups of G (positive first), and returns a scalar."""
+"""Losses, one per file (``base.Loss``): each declares the score blocks it reads and what it needs, and applies its
+formula to the :class:`~retrieval_lab.losses.scores.Scores` the model family computed for a batch."""

@@ -20,32 +20,33 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from retrieval_lab.losses.scores import FalseNegatives, anchor_rows, check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.base import Loss
+from retrieval_lab.losses.scores import FalseNegatives, Scores, check_temperature, contrastive_logits
 
 
-def document_to_query(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
-                      mask: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """L_dq: the positive document of each anchor query (``rows``) against every query of the batch."""
-    rows, mask = anchor_rows(q, rows), FalseNegatives.of(mask)
-    targets = rows * group_size
-    reverse = similarity(d[targets], q) / temperature
+def document_to_query(scores: Scores, temperature: float) -> torch.Tensor:
+    """L_dq: the positive document of each anchor query against every query of the batch (``doc_query``)."""
+    mask, rows = FalseNegatives.of(scores.mask), scores.rows
+    reverse = scores.doc_query / temperature
     if mask is not None and len(mask):  # d+_i vs q_k is a false pair exactly when column iG is masked for query k
-        reverse = reverse.masked_fill(mask.block(anchor_rows(q, None), targets).T, float("-inf"))
+        every = torch.arange(scores.batch_size, device=reverse.device)
+        reverse = reverse.masked_fill(mask.block(every, scores.targets).T, float("-inf"))
     return F.cross_entropy(reverse, rows)
 
 
-class InfoNCELoss(nn.Module):
+class InfoNCELoss(Loss):
     def __init__(self, temperature: float = 0.05, bidirectional: bool = False):
         super().__init__()
         self.temperature, self.bidirectional = check_temperature(temperature), bidirectional
+        self.blocks = frozenset({"query_doc", "queue", *(["doc_query"] if bidirectional else [])})
 
-    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask, rows)
-        loss = F.cross_entropy(scores, targets)
+    def setting_for(self, block: str) -> str:
+        return "loss.bidirectional=true" if block == "doc_query" else ""
+
+    def forward(self, scores: Scores) -> torch.Tensor:
+        logits, targets = contrastive_logits(scores, self.temperature)
+        loss = F.cross_entropy(logits, targets)
         if self.bidirectional:
-            loss = (loss + document_to_query(q, d, group_size, self.temperature, mask, rows)) / 2
+            loss = (loss + document_to_query(scores, self.temperature)) / 2
         return loss

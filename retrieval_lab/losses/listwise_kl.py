@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.losses.margin_mse import group_scores
-from retrieval_lab.losses.scores import anchor_rows, check_temperature
+from retrieval_lab.losses.base import Loss
+from retrieval_lab.losses.margin_mse import require_teacher
+from retrieval_lab.losses.scores import Scores, check_temperature
 
 
 def listwise_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -28,8 +28,9 @@ def listwise_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> t
     return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
 
 
-class ListwiseKLLoss(nn.Module):
-    needs_teacher = True
+class ListwiseKLLoss(Loss):
+    blocks = frozenset({"groups"})
+    needs = frozenset({"teacher", "hard_negatives"})
 
     def __init__(self, temperature: float = 0.05, teacher_temperature: float = 1.0):
         super().__init__()
@@ -38,11 +39,7 @@ class ListwiseKLLoss(nn.Module):
             raise ConfigError(f"loss.teacher_temperature must be positive, got {teacher_temperature}.")
         self.teacher_temperature = teacher_temperature
 
-    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 2, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        if teacher is None or group_size < 2:
-            raise ConfigError("loss=listwise_kl needs teacher scores and negatives.group_size >= 2 "
-                              "(a negatives file with scores for every listed document).")
-        student = group_scores(q, d, group_size, rows) / self.temperature
-        return listwise_kl(student, teacher[anchor_rows(q, rows)] / self.teacher_temperature)
+    def forward(self, scores: Scores) -> torch.Tensor:
+        require_teacher(scores, "listwise_kl")
+        student = scores.groups / self.temperature
+        return listwise_kl(student, scores.teacher[scores.rows] / self.teacher_temperature)

@@ -19,23 +19,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.base import Loss
 from retrieval_lab.losses.infonce import InfoNCELoss
-from retrieval_lab.losses.scores import anchor_rows
+from retrieval_lab.losses.scores import Scores
 
 
-def group_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """R x G: each anchor query (``rows``; None: all B) against its own group only (positive first), in float32
-    (see ``scores.similarity``)."""
-    rows = anchor_rows(q, rows)
-    with torch.autocast(q.device.type, enabled=False):
-        return torch.einsum("bh,bgh->bg", q[rows].float(), d.float().view(q.size(0), group_size, -1)[rows])
+def require_teacher(scores: Scores, name: str) -> None:
+    if scores.teacher is None or scores.group_size < 2:
+        raise ConfigError(f"loss={name} needs teacher scores and negatives.group_size >= 2 "
+                          "(a negatives file with scores for every listed document).")
 
 
-class MarginMSELoss(nn.Module):
-    needs_teacher = True  # the data module attaches the teacher's group scores to each batch
+class MarginMSELoss(Loss):
+    needs = frozenset({"teacher", "hard_negatives"})  # the data module attaches the teacher's group scores
 
     def __init__(self, scale: float = 1.0, alpha: float = 0.0, temperature: float = 0.05):
         super().__init__()
@@ -43,16 +41,16 @@ class MarginMSELoss(nn.Module):
             raise ConfigError(f"loss.scale must be positive and loss.alpha non-negative, got {scale} and {alpha}.")
         self.scale, self.alpha = scale, alpha
         self.in_batch = InfoNCELoss(temperature) if alpha > 0 else None
+        self.blocks = frozenset({"groups", *(self.in_batch.blocks if self.in_batch is not None else ())})
 
-    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 2, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, teacher: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        if teacher is None or group_size < 2:
-            raise ConfigError("loss=margin_mse needs teacher scores and negatives.group_size >= 2 "
-                              "(a negatives file with scores for every listed document).")
-        student = self.scale * group_scores(q, d, group_size, rows)
-        teacher = teacher.detach().float()[anchor_rows(q, rows)]
+    def setting_for(self, block: str) -> str:
+        return f"loss.alpha={self.alpha}" if block != "groups" else ""
+
+    def forward(self, scores: Scores) -> torch.Tensor:
+        require_teacher(scores, "margin_mse")
+        student = self.scale * scores.groups
+        teacher = scores.teacher.detach().float()[scores.rows]
         loss = F.mse_loss(student[:, :1] - student[:, 1:], teacher[:, :1] - teacher[:, 1:])
         if self.in_batch is not None:
-            loss = loss + self.alpha * self.in_batch(q, d, group_size, mask, queue, rows=rows)
+            loss = loss + self.alpha * self.in_batch(scores)
         return loss

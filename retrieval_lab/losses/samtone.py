@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.losses.base import Loss
 from retrieval_lab.losses.infonce import document_to_query
-from retrieval_lab.losses.scores import FalseNegatives, anchor_rows, check_temperature, contrastive_scores, similarity
+from retrieval_lab.losses.scores import FalseNegatives, Scores, check_temperature, contrastive_logits
 
 SIDES = ("query", "document", "both")
 
@@ -44,33 +44,37 @@ def share_a_positive(mask: FalseNegatives, rows: torch.Tensor, targets: torch.Te
     return (judged[rows.to(judged.device)] @ judged.T > 0).to(rows.device)
 
 
-class SamToNeLoss(nn.Module):
+class SamToNeLoss(Loss):
     def __init__(self, temperature: float = 0.05, side: str = "query", bidirectional: bool = False):
         super().__init__()
         if side not in SIDES:
             raise ConfigError(f"loss.side must be one of {', '.join(SIDES)}, got '{side}'.")
         self.temperature, self.side, self.bidirectional = check_temperature(temperature), side, bidirectional
+        self.blocks = frozenset({"query_doc", "queue", *(["query_query"] if side in ("query", "both") else []),
+                                 *(["doc_doc"] if side in ("document", "both") else []),
+                                 *(["doc_query"] if bidirectional else [])})
 
-    def forward(self, q: torch.Tensor, d: torch.Tensor, group_size: int = 1, mask: torch.Tensor | None = None,
-                queue: torch.Tensor | None = None, queue_mask: torch.Tensor | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        scores, targets = contrastive_scores(q, d, group_size, self.temperature, mask, queue, queue_mask, rows)
-        rows, batch, mask = anchor_rows(q, rows), q.size(0), FalseNegatives.of(mask)
-        every = torch.arange(batch, device=q.device)
+    def setting_for(self, block: str) -> str:
+        return {"query_query": f"loss.side={self.side}", "doc_doc": f"loss.side={self.side}",
+                "doc_query": "loss.bidirectional=true"}.get(block, "")
+
+    def forward(self, scores: Scores) -> torch.Tensor:
+        logits, targets = contrastive_logits(scores, self.temperature)
+        rows, mask = scores.rows, FalseNegatives.of(scores.mask)
+        every = torch.arange(scores.batch_size, device=rows.device)
         # same-tower pairs dropped: (i, i), and where the two queries share a positive among the batch's
         # columns (query side; symmetric), or where d+_j is a positive of query i (document side)
         eye = rows[:, None] == every[None, :]  # anchor row r against batch entry j: the same query
-        all_targets = every * group_size
+        all_targets = every * scores.group_size
         extra = []
-        if self.side in ("query", "both"):
+        if scores.query_query is not None:
             drop = eye if mask is None else eye | share_a_positive(mask, rows, all_targets)
-            extra.append(similarity(q[rows], q).masked_fill(drop, float("-inf")))
-        if self.side in ("document", "both"):
-            positives = d[all_targets]
+            extra.append(scores.query_query.masked_fill(drop, float("-inf")))
+        if scores.doc_doc is not None:
             drop = eye if mask is None else eye | mask.block(rows, all_targets)  # [r, j]: d+_j a positive of query r
-            extra.append(similarity(positives[rows], positives).masked_fill(drop, float("-inf")))
-        scores = torch.cat([scores, *(e / self.temperature for e in extra)], dim=1)
-        loss = F.cross_entropy(scores, targets)
+            extra.append(scores.doc_doc.masked_fill(drop, float("-inf")))
+        logits = torch.cat([logits, *(e / self.temperature for e in extra)], dim=1)
+        loss = F.cross_entropy(logits, targets)
         if self.bidirectional:
-            loss = (loss + document_to_query(q, d, group_size, self.temperature, mask, rows)) / 2
+            loss = (loss + document_to_query(scores, self.temperature)) / 2
         return loss

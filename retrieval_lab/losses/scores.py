@@ -1,18 +1,19 @@
-"""The score matrix shared by the contrastive losses (DESIGN.md batch layout).
+"""The score blocks a loss reads, and the helpers the contrastive losses share (DESIGN.md batch layout).
 
-Row i holds query i's scores against the B*G documents of the batch (its target is column i*G), then, when
-a queue of momentum keys is given (MoCo), against every queue entry. False negatives are masked to -inf:
-in-batch columns by ``mask`` (B x B*G, True = drop; a dense bool tensor or its pairs, :class:`FalseNegatives`),
-queue columns by ``queue_mask`` (B x K).
+A loss never computes a score: the model family scores representations (``ModelFamily.score_blocks``) and hands
+the loss the blocks it declared (``Loss.blocks``) as one :class:`Scores`. Row r of a block belongs to anchor query
+``rows[r]`` (all B queries, or under DDP this process's queries of the gathered batch, so that no process scores
+the whole global batch; see ``BiEncoderModule.gather_batch``). ``query_doc`` holds that query's scores against the
+B*G documents of the batch (its target is column ``rows[r] * G``); ``queue`` against every key of a MoCo queue.
+False negatives are masked to -inf by the losses: in-batch columns by ``mask`` (B x B*G, True = drop; its pairs,
+:class:`FalseNegatives`), queue columns by ``queue_mask`` (B x K).
 
-``rows`` (the indices of some of the B queries; None: all) restricts the anchors to those queries: each loss is
-then the mean of their terms, against every column of the batch. Under DDP each process takes its own queries'
-rows of the gathered batch, so no process scores the whole global batch (see ``BiEncoderModule.gather_batch``).
-
-Every score of every loss is a float32 product (``similarity``), also under bf16 autocast: a bf16 product keeps 8
-bits, so cosines near 1 move in steps of 2^-8, which the temperature (1/tau = 20) turns into logit steps of 0.08.
+Every score is float32, also under bf16 autocast: a bf16 product keeps 8 bits, so cosines near 1 move in steps of
+2^-8, which the temperature (1/tau = 20) turns into logit steps of 0.08.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -72,30 +73,56 @@ def check_temperature(temperature: float) -> float:
     return temperature
 
 
-def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` in float32, autocast or not (gradients flow back to ``a`` and ``b`` in their own dtypes)."""
-    with torch.autocast(a.device.type, enabled=False):
-        return a.float() @ b.float().T
-
-
 def anchor_rows(q: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The indices of the anchor queries (all B when ``rows`` is None)."""
     return torch.arange(q.size(0), device=q.device) if rows is None else rows.to(q.device)
 
 
-def contrastive_scores(q: torch.Tensor, d: torch.Tensor, group_size: int, temperature: float,
-                       mask: torch.Tensor | None = None, queue: torch.Tensor | None = None,
-                       queue_mask: torch.Tensor | None = None, rows: torch.Tensor | None = None):
-    """Return (scores / temperature, targets): one row per anchor query (``rows``), its target the column of its
-    positive."""
-    rows, mask = anchor_rows(q, rows), FalseNegatives.of(mask)
-    targets = rows * group_size
-    scores = similarity(q[rows], d)
+BLOCKS = {  # the score blocks a family computes and a loss may declare, each with what it holds
+    "query_doc": "each query against every document of the batch",
+    "groups": "each query against its own group of documents",
+    "queue": "each query against the keys of a queue",
+    "query_query": "queries against the other queries of the batch",
+    "doc_doc": "positive documents against the other positive documents",
+    "doc_query": "positive documents against the queries of the batch",
+}
+
+
+@dataclass
+class Scores:
+    """The blocks of one batch that a loss declared (None for the others; ``queue`` None without a queue), float32
+    and before any temperature, with what the loss needs to read them: the anchor ``rows`` and their ``targets``
+    (column of each positive in ``query_doc``), ``group_size``, the false-negative ``mask`` and ``queue_mask``,
+    and ``teacher`` scores (B x G) when the batch carries them."""
+
+    rows: torch.Tensor
+    group_size: int
+    batch_size: int
+    query_doc: torch.Tensor | None = None      # R x B*G
+    groups: torch.Tensor | None = None         # R x G, positive first
+    queue: torch.Tensor | None = None          # R x K
+    query_query: torch.Tensor | None = None    # R x B
+    doc_doc: torch.Tensor | None = None        # R x B, positive documents
+    doc_query: torch.Tensor | None = None      # R x B, each anchor's positive against every query
+    mask: FalseNegatives | None = None
+    queue_mask: torch.Tensor | None = None     # B x K
+    teacher: torch.Tensor | None = None        # B x G
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.rows * self.group_size
+
+
+def contrastive_logits(scores: Scores, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) of the contrastive losses: ``query_doc`` with false negatives at -inf, then the queue's
+    columns (masked by ``queue_mask``), all divided by ``temperature``."""
+    rows, mask = scores.rows, FalseNegatives.of(scores.mask)
+    logits = scores.query_doc
     if mask is not None and len(mask):
-        scores = scores.masked_fill(mask.block(rows), float("-inf"))
-    if queue is not None and queue.numel():
-        queue_scores = similarity(q[rows], queue)
-        if queue_mask is not None:
-            queue_scores = queue_scores.masked_fill(queue_mask[rows], float("-inf"))
-        scores = torch.cat([scores, queue_scores], dim=1)
-    return scores / temperature, targets
+        logits = logits.masked_fill(mask.block(rows), float("-inf"))
+    if scores.queue is not None and scores.queue.numel():
+        queue = scores.queue
+        if scores.queue_mask is not None:
+            queue = queue.masked_fill(scores.queue_mask[rows], float("-inf"))
+        logits = torch.cat([logits, queue], dim=1)
+    return logits / temperature, scores.targets

@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from retrieval_lab.errors import warn
 from retrieval_lab.mining.negatives import mine_negatives
-from retrieval_lab.retrieval.dense import DenseRetriever, distributed_rank_world, fail_together
+from retrieval_lab.distributed import distributed_rank_world, fail_together
+from retrieval_lab.retrieval.dense import DenseRetriever
 
 
 class AnceRefresh(L.Callback):

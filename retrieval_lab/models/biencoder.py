@@ -1,4 +1,5 @@
-"""The bi-encoder LightningModule: encode queries and document groups, score, apply the configured loss."""
+"""The training module of every family that encodes queries and documents apart: encode the batch's queries and
+document groups, let the model family score the blocks the loss declares, apply the loss."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -8,8 +9,9 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from retrieval_lab.data.datamodule import false_negatives
+from retrieval_lab.distributed import average_gradients
+from retrieval_lab.models import representation
 from retrieval_lab.models.grad_cache import grad_cached_backward
-from retrieval_lab.retrieval.dense import DenseRetriever
 
 
 def linear_warmup_decay(warmup_steps: int, total_steps: int):
@@ -19,29 +21,6 @@ def linear_warmup_decay(warmup_steps: int, total_steps: int):
             return (step + 1) / max(1, warmup_steps)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     return factor
-
-
-def average_gradients(params: list[torch.Tensor], bucket: int = 1 << 24) -> None:
-    """Average the gradients of ``params`` over the processes of torch.distributed (as DDP does), ``bucket``
-    elements per all-reduce. Parameters without gradient (unused, as a pooler that mean pooling skips) keep none,
-    as under DDP; every process runs the same towers, so all have gradients for the same parameters."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    params = [p for p in params if p.grad is not None]
-    start = 0
-    while start < len(params):
-        end, size = start, 0
-        while end < len(params) and (end == start or size + params[end].numel() <= bucket):
-            size += params[end].numel()
-            end += 1
-        grads = [p.grad for p in params[start:end]]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world
-        for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(synced.view_as(g))
-        start = end
 
 
 class BiEncoderModule(L.LightningModule):
@@ -66,32 +45,33 @@ class BiEncoderModule(L.LightningModule):
     # cross-encoder for [CLS] q [SEP] d [SEP] inputs (None: none)
     uses_towers = True
     pair_tokenizer = None
+    provides = frozenset()  # what the module gives a loss beyond the data ("teacher": RocketQA's ranker scores)
 
     def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
                   shard: bool = False):
-        """What validation and the test evaluation retrieve with: a faiss index of this encoder's embeddings
-        (``shard``: under DDP, each process encodes a share of the corpus)."""
-        return DenseRetriever(self.encoder, batch_size, index, device, progress, shard=shard)
+        """What validation and the test evaluation retrieve with: the model family's (``shard``: under DDP, each
+        process encodes a share of the corpus)."""
+        return self.encoder.retriever(batch_size, index, device, progress, shard=shard)
 
     # ---- a training step = towers (inputs that carry gradient, and how each is embedded) + a loss on them ----
     def towers(self, batch: dict) -> list[tuple]:
         return [(self.encoder.encode_queries, batch["query"]), (self.encoder.encode_docs, batch["docs"])]
 
-    def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
-        q, d = embeddings
-        extra = {key: batch[key] for key in ("teacher", "rows") if key in batch}  # rows: see gather_batch
-        return self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), **extra)
+    def loss_from_embeddings(self, embeddings: list, batch: dict) -> torch.Tensor:
+        q, d = embeddings  # rows: see gather_batch
+        return self.loss(self.encoder.score_blocks(q, d, self.group_size, self.loss.blocks, mask=batch.get("mask"),
+                                                   rows=batch.get("rows"), teacher=batch.get("teacher")))
 
     # under DDP, every process scores against the batch of every process (MoCo's queue already holds every
     # process's keys; RocketQA and the cross-encoder compare a query with its own group only)
     gather_negatives = True
 
-    def global_loss(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
+    def global_loss(self, embeddings: list, batch: dict) -> torch.Tensor:
         if self._world() > 1 and self.gather_negatives:
             embeddings, batch = self.gather_batch(embeddings, batch)
         return self.loss_from_embeddings(embeddings, batch)
 
-    def gather_batch(self, embeddings: list[torch.Tensor], batch: dict) -> tuple[list[torch.Tensor], dict]:
+    def gather_batch(self, embeddings: list, batch: dict) -> tuple[list, dict]:
         """Every process's embeddings, concatenated in rank order, with gradients flowing back to their owners,
         and the mask and teacher scores of the concatenated batch, with ``rows``: this process's queries in it.
         Each process takes the loss terms of its own queries against the whole batch (its rows of the score
@@ -101,14 +81,15 @@ class BiEncoderModule(L.LightningModule):
         single-process one."""
         import torch.distributed as dist
 
-        gathered = [self.all_gather(e, sync_grads=True).flatten(0, 1) for e in embeddings]
+        gathered = [representation.gather(self, e) for e in embeddings]
         meta = [None] * self.trainer.world_size
         dist.all_gather_object(meta, (batch["qids"], batch["doc_ids"], batch["positives"]))
         qids, doc_ids, positives = ([x for m in meta for x in m[k]] for k in range(3))
         start = sum(len(m[0]) for m in meta[:self.trainer.global_rank])
-        rows = torch.arange(start, start + len(batch["qids"]), device=gathered[0].device)
+        device = representation.values(gathered[0]).device
+        rows = torch.arange(start, start + len(batch["qids"]), device=device)
         out = {**batch, "qids": qids, "doc_ids": doc_ids, "positives": positives, "rows": rows,
-               "mask": false_negatives(doc_ids, positives, self.group_size).to(gathered[0].device)}
+               "mask": false_negatives(doc_ids, positives, self.group_size).to(device)}
         if "teacher" in batch:
             out["teacher"] = self.all_gather(batch["teacher"]).flatten(0, 1)
         return gathered, out

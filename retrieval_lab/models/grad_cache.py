@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from retrieval_lab.models import representation
+
 
 def split_inputs(inputs: dict, chunk: int) -> list[tuple[torch.Tensor, dict]]:
     """Chunks of up to ``chunk`` rows of a tokenised batch (a dict of equally long tensors), as (row indices, the
@@ -43,12 +45,10 @@ def split_inputs(inputs: dict, chunk: int) -> list[tuple[torch.Tensor, dict]]:
     return pieces
 
 
-def in_batch_order(parts: list[torch.Tensor], pieces: list[tuple[torch.Tensor, dict]]) -> torch.Tensor:
-    """The outputs of :func:`split_inputs`' chunks (``parts``), put back in the batch's row order."""
+def in_batch_order(parts: list, pieces: list[tuple[torch.Tensor, dict]]):
+    """The outputs of :func:`split_inputs`' chunks (``parts``: representations), put back in the batch's row order."""
     rows = torch.cat([rows for rows, _ in pieces])
-    out = torch.empty((len(rows), *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device)
-    out[rows] = torch.cat(parts)
-    return out
+    return representation.concat(parts)[torch.argsort(rows)]
 
 
 def embed_in_chunks(embed: Callable, inputs: dict, chunk: int | None) -> torch.Tensor:
@@ -78,10 +78,12 @@ class RandomState:
             yield
 
 
-def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[[list[torch.Tensor]], torch.Tensor],
+def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[[list], torch.Tensor],
                          chunk: int, backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> torch.Tensor:
     """Accumulate the parameter gradients of ``loss_fn(embeddings)`` where ``embeddings[t] = embed_t(inputs_t)``
-    for each tower ``(embed_t, inputs_t)``, holding one chunk's graph at a time. Returns the (detached) loss."""
+    for each tower ``(embed_t, inputs_t)``, holding one chunk's graph at a time; an embedding is any
+    representation (:mod:`~retrieval_lab.models.representation`: multi-vector chunks of different lengths are
+    padded and masked). Returns the (detached) loss."""
     cached, states = [], []
     with torch.no_grad():
         for embed, inputs in towers:
@@ -92,15 +94,15 @@ def grad_cached_backward(towers: list[tuple[Callable, dict]], loss_fn: Callable[
                 parts.append(embed(piece))
             # float32 leaves: the loss's gradient is kept in float32 (in fp16 its small entries would flush to zero
             # before the loss scaler, which scales the re-encoded chunks' backward below, could lift them)
-            cached.append(in_batch_order(parts, pieces).float().requires_grad_())
+            cached.append(representation.leaf(in_batch_order(parts, pieces)))
             states.append((pieces, tower_states))
     loss = loss_fn(cached)
-    grads = torch.autograd.grad(loss, cached, allow_unused=True)
+    grads = torch.autograd.grad(loss, [representation.values(c) for c in cached], allow_unused=True)
     for (embed, _), (pieces, tower_states), grad in zip(towers, states, grads):
         if grad is None:  # this tower does not reach the loss
             continue
         for (rows, piece), state in zip(pieces, tower_states):
             with state.replay():
                 emb = embed(piece)
-            backward((emb.float() * grad[rows]).sum())
+            backward(representation.dot(emb, grad[rows]))
     return loss.detach()

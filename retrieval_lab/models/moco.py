@@ -28,6 +28,7 @@ from retrieval_lab.models.grad_cache import embed_in_chunks
 
 class MoCoModule(BiEncoderModule):
     gather_negatives = False
+    provides = frozenset({"queue"})
 
     def __init__(self, encoder, loss, queue_size: int = 65536, momentum: float = 0.999, **kwargs):
         super().__init__(encoder, loss, **kwargs)
@@ -99,8 +100,8 @@ class MoCoModule(BiEncoderModule):
         # the positives' keys and their documents' ids, enqueued at the end of the step
         doc_keys = batch.get("doc_keys")
         self._new_keys = keys[:: self.group_size], None if doc_keys is None else doc_keys[:: self.group_size]
-        return self.loss(q, keys, group_size=self.group_size, mask=batch.get("mask"), queue=self.current_queue(),
-                         queue_mask=self.queue_mask(batch))
+        return self.loss(self.encoder.score_blocks(q, keys, self.group_size, self.loss.blocks, mask=batch.get("mask"),
+                                                   queue=self.current_queue(), queue_mask=self.queue_mask(batch)))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.log("train/queue_len", self.queue_len.float(), batch_size=len(batch["qids"]))

@@ -26,13 +26,13 @@ from retrieval_lab.models.cross_encoder import CrossEncoder
 
 
 class RocketQAModule(BiEncoderModule):
-    provides_teacher = True  # the teacher scores are the ranker's, computed in each step
+    provides = frozenset({"teacher"})  # the teacher scores are the ranker's, computed in each step
     gather_negatives = False
 
     def __init__(self, encoder, loss, cross_encoder: CrossEncoder, group_size: int = 2, **kwargs):
         if group_size < 2:
             raise ConfigError("module=rocketqa needs hard negatives: negatives.group_size >= 2 and a negatives file.")
-        if not getattr(loss, "needs_teacher", False):
+        if "teacher" not in loss.needs:
             raise ConfigError("module=rocketqa distils the ranker into the retriever: use loss=listwise_kl "
                               "(or another teacher loss such as margin_mse).")
         super().__init__(encoder, loss, group_size, **kwargs)
@@ -47,8 +47,9 @@ class RocketQAModule(BiEncoderModule):
 
     def loss_from_embeddings(self, embeddings: list[torch.Tensor], batch: dict) -> torch.Tensor:
         q, d, scores = embeddings
-        ranker = scores.view(q.size(0), self.group_size).float()
-        retriever_loss = self.loss(q, d, group_size=self.group_size, mask=batch.get("mask"), teacher=ranker.detach())
+        ranker = self.cross_encoder.score_groups(scores, None, self.group_size)
+        retriever_loss = self.loss(self.encoder.score_blocks(q, d, self.group_size, self.loss.blocks,
+                                                             mask=batch.get("mask"), teacher=ranker.detach()))
         ranker_loss = F.cross_entropy(ranker, torch.zeros(q.size(0), dtype=torch.long, device=ranker.device))
         self.log_dict({"train/retriever_loss": retriever_loss.detach(), "train/ranker_loss": ranker_loss.detach()},
                       batch_size=q.size(0))

@@ -1,16 +1,16 @@
-"""Dense retrieval: embed the corpus and the queries (``encoding.encode_texts``), then search an inner-product
-index (faiss, or torch on the GPU)."""
+"""Dense retrieval: embed the corpus and the queries (``encoding.encode_texts``), then search the model family's
+index (``ModelFamily.build_index``: faiss, or torch on the GPU)."""
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from retrieval_lab.data.beir import Document
+from retrieval_lab.distributed import distributed_rank_world, fail_together, gather_shards
 from retrieval_lab.errors import ConfigError, UserError
+from retrieval_lab.models import representation
 from retrieval_lab.retrieval.encoding import encode_texts, pick_device
-from retrieval_lab.retrieval.tokenization import PROCESSES, worker_plan
+from retrieval_lab.tokenization import PROCESSES, worker_plan
 
 
 class TorchIndex:
@@ -71,54 +71,6 @@ def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch
     return faiss_index
 
 
-def gather_shards(rows: np.ndarray, total: int, device: str | torch.device | None = None, group=None) -> np.ndarray:
-    """All-gather the rows of every process of ``group`` (process r holds items r, r + world, r + 2 world, ... of
-    ``total``), in process order: process 0's rows, then process 1's, ... A gloo group gathers on the CPU."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    device = "cpu" if dist.get_backend(group) == "gloo" else device
-    local = torch.zeros(-(-total // world), rows.shape[1], device=device)  # equal sizes for all_gather: padded
-    local[:len(rows)] = torch.from_numpy(rows).to(local.device)
-    parts = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(parts, local, group=group)
-    return np.concatenate([part[:len(range(r, total, world))].cpu().numpy() for r, part in enumerate(parts)])
-
-
-def distributed_rank_world(group=None) -> tuple[int, int]:
-    """This process's rank and the number of processes (in ``group``; 0, 1 outside torch.distributed)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-@contextmanager
-def fail_together(group=None, distributed: bool = True):
-    """For a block that every process of ``group`` runs before a collective: an error in it, on any process, is
-    raised on every process as the block ends, instead of leaving the others waiting in that collective until its
-    timeout (30 minutes by default). The failed process raises its own error; the others raise a RuntimeError that
-    names the process and its error. Costs one small all-gather; ``distributed=False``: the block alone. Blocks
-    must not nest (an outer block's all-gather would meet an inner one's on a process that failed in between)."""
-    error = None
-    try:
-        yield
-    except Exception as err:  # noqa: BLE001 - raised below, on every process
-        error = err
-    if distributed:
-        import torch.distributed as dist
-
-        reports = [None] * dist.get_world_size(group)
-        dist.all_gather_object(reports, None if error is None else f"{type(error).__name__}: {error}", group=group)
-        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-        if error is None and failed:
-            rank, report = failed[0]
-            raise RuntimeError(f"process {rank} of {len(reports)} failed: {report}")
-    if error is not None:
-        raise error
-
-
 class DenseRetriever:
     """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one.
     ``shard``: under torch.distributed (validation during DDP training), each process encodes its share of the
@@ -152,14 +104,16 @@ class DenseRetriever:
         # sharded, every process returns or every process raises: the blocks between collectives fail together
         with fail_together(self.group, world > 1):  # a process that fails to encode its share fails them all
             doc_emb = self.encode([corpus[d].full_text for d in doc_ids[rank::world]], "doc", "encode corpus")
-            refuse_non_finite(doc_emb, doc_ids[rank::world], "document embeddings")
+            refuse_non_finite(representation.values(doc_emb), doc_ids[rank::world], "document embeddings")
         if world > 1:
-            doc_emb = gather_shards(doc_emb, len(doc_ids), next(self.encoder.parameters()).device, self.group)
+            rows = gather_shards(representation.flat_rows(doc_emb), len(doc_ids), next(self.encoder.parameters()).device,
+                                 self.group)
+            doc_emb = representation.from_flat_rows(rows, doc_emb)
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         with fail_together(self.group, world > 1):
             query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
             refuse_non_finite(query_emb, qids, "query embeddings")
-            index = build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
+            index = self.encoder.build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
             scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}

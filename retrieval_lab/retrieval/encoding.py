@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError
-from retrieval_lab.retrieval.tokenization import TOKEN_CACHE, TokenCache, worker_plan
+from retrieval_lab.models import representation
+from retrieval_lab.tokenization import TOKEN_CACHE, TokenCache, worker_plan
 
 
 def pick_device(device: str | None) -> str | None:
@@ -67,7 +68,7 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
                  cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
                  dtype: torch.dtype | str | None = "auto", compile: bool | str = False,
                  tokenize_processes: int | str = "auto") -> np.ndarray:
-    """Embed ``texts`` (float32, in input order). Texts are tokenised once (``cache``), sorted by token length
+    """Embed ``texts`` (float32, in input order; the family's representation, ``encoder.empty``). Texts are tokenised once (``cache``), sorted by token length
     and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
     ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
     of the encoder with its weights in that type, without autocast. ``compile``: run the towers through
@@ -91,13 +92,13 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
     if compile:
         model = compiled(model, "inductor" if compile is True else compile)
     max_length = encoder.query_max_length if side == "query" else encoder.doc_max_length
-    out = np.zeros((len(texts), encoder.dim), dtype=np.float32)
+    out = encoder.empty(len(texts), side)
     pad_id = encoder.tokenizer.pad_token_id or 0
     pending_rows, pending = [], []  # embeddings still on the device, and the rows of ``out`` they go to
 
     def flush() -> None:
         if pending:
-            out[np.concatenate(pending_rows)] = torch.cat(pending).float().cpu().numpy()
+            out[np.concatenate(pending_rows)] = representation.to_numpy(representation.concat(pending))
             pending_rows.clear()
             pending.clear()
 

@@ -187,7 +187,7 @@ def tokenize_padded(tokenizer, texts: list[str], max_length: int | None):
 
 
 # ---- worker processes: tokenisation that takes neither the GIL nor the cores of the process driving the GPU ----
-WORKER = "from retrieval_lab.retrieval.tokenization import serve; serve()"
+WORKER = "from retrieval_lab.tokenization import serve; serve()"
 
 
 def serve() -> None:

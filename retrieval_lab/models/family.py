@@ -1,0 +1,90 @@
+"""A model family: what a text becomes, how representations are scored against each other, and how a corpus is
+indexed and searched with them. Every part of training and retrieval goes through this interface, so a new family
+(several vectors per document, sparse vectors, a cross-encoder) is one class.
+
+- ``encode_queries(inputs)`` / ``encode_docs(inputs)``: tokenised texts -> representations (a tensor with one row
+  per text, or :class:`~retrieval_lab.models.representation.MultiVector`).
+- ``score(a, b)``: every row of ``a`` against every row of ``b`` (float32, A x B); ``score_groups(q, d, G)``: each
+  query against its own G documents only. ``score_blocks`` builds from them the blocks a loss declared.
+- ``build_index(docs, index, device)``: an index over encoded documents whose ``search(queries, k)`` returns
+  (scores, document rows), each Q x k; ``retriever(...)``: what validation and test evaluation retrieve with.
+- Declarations: ``doc_representation`` ("vector": one vector per document, which a MoCo queue and k-means
+  clustering need; "vectors"; "sparse") and ``blocks``, the score blocks the family can compute.
+
+The defaults here are those of the single-vector bi-encoder: inner products of one vector per text, an exact or
+HNSW inner-product index (faiss, or torch on a GPU).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from retrieval_lab.losses.scores import BLOCKS, FalseNegatives, Scores, anchor_rows
+
+
+class ModelFamily(nn.Module):
+    doc_representation = "vector"
+    blocks = frozenset(BLOCKS)
+
+    def encode_queries(self, inputs):
+        raise NotImplementedError
+
+    def encode_docs(self, inputs):
+        raise NotImplementedError
+
+    def score(self, a, b) -> torch.Tensor:
+        """``a @ b.T`` in float32, autocast or not (gradients flow back to ``a`` and ``b`` in their own dtypes)."""
+        with torch.autocast(a.device.type, enabled=False):
+            return a.float() @ b.float().T
+
+    def score_groups(self, q, d, group_size: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """R x G: each anchor query (``rows``; None: all B) against its own group only (positive first), float32."""
+        rows = anchor_rows(q, rows)
+        with torch.autocast(q.device.type, enabled=False):
+            return torch.einsum("bh,bgh->bg", q[rows].float(), d.float().view(q.size(0), group_size, -1)[rows])
+
+    def score_blocks(self, q, d, group_size: int, blocks, mask: FalseNegatives | None = None,
+                     rows: torch.Tensor | None = None, queue=None, queue_mask: torch.Tensor | None = None,
+                     teacher: torch.Tensor | None = None) -> Scores:
+        """The score blocks named in ``blocks`` (see ``scores.BLOCKS``) of queries ``q`` (B) against the batch's
+        documents ``d`` (B*G, groups of G, positive first) and, for ``queue``, a queue of document keys."""
+        rows = anchor_rows(q, rows)
+        out = Scores(rows=rows, group_size=group_size, batch_size=len(q), mask=mask, queue_mask=queue_mask,
+                     teacher=teacher)
+        positives = d[torch.arange(len(q), device=rows.device) * group_size]
+        if "query_doc" in blocks:
+            out.query_doc = self.score(q[rows], d)
+        if "groups" in blocks:
+            out.groups = self.score_groups(q, d, group_size, rows)
+        if "queue" in blocks and queue is not None and len(queue):
+            out.queue = self.score(q[rows], queue)
+        if "query_query" in blocks:
+            out.query_query = self.score(q[rows], q)
+        if "doc_doc" in blocks:
+            out.doc_doc = self.score(positives[rows], positives)
+        if "doc_query" in blocks:
+            out.doc_query = self.score(positives[rows], q)
+        return out
+
+    def build_index(self, docs, index: str = "flat", device=None):
+        """An index over the encoded documents ``docs`` (N x D, float32): exact inner product (``flat``, faiss),
+        approximate (``hnsw``) or exact with torch on ``device`` (``torch``)."""
+        from retrieval_lab.retrieval.dense import build_index
+
+        return build_index(docs, index, device)
+
+    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
+                  shard: bool = False):
+        """What validation and test evaluation retrieve with: the corpus encoded and indexed by this family
+        (``shard``: under DDP, each process encodes a share of the corpus)."""
+        from retrieval_lab.retrieval.dense import DenseRetriever
+
+        return DenseRetriever(self, batch_size, index, device, progress, shard=shard)
+
+
+def loss_on_vectors(loss, q, d, group_size: int = 1, mask=None, queue=None, queue_mask=None, teacher=None,
+                    rows=None) -> torch.Tensor:
+    """``loss`` applied to the single-vector family's score blocks of ``q`` (B x D) and ``d`` (B*G x D): a loss on
+    its own, as tests and benchmarks take it."""
+    return loss(ModelFamily().score_blocks(q, d, group_size, loss.blocks, mask=mask, rows=rows, queue=queue,
+                                           queue_mask=queue_mask, teacher=teacher))
