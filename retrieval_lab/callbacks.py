@@ -182,3 +182,33 @@ class ExactResume(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._step_start = None  # runs before the checkpoint callbacks' (Lightning puts those last)
+
+
+def build_callbacks(cfg, run_dir: Path, dataset, dev_qrels, logging: bool = True, strategy_callbacks=()) -> list:
+    """The callbacks of a training run: checkpoints, the numeric guard, exact resume, the LR monitor (with a
+    logger), the negative strategy's (ANCE's refresh), and validation on the dev queries."""
+    from retrieval_lab.run_folder import run_settings
+
+    every = cfg.checkpoint.every_n_steps
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(  # the newest `keep` step checkpoints, plus last.ckpt
+                     dirpath=run_dir / "checkpoints", filename="step{step}", auto_insert_metric_name=False,
+                     monitor="step", mode="max", save_top_k=cfg.checkpoint.keep, save_last=True,
+                     every_n_train_steps=every or None, enable_version_counter=False),
+                 NumericGuard(run_dir / "checkpoints"), ExactResume(run_settings(cfg))]
+    if every:  # Lightning's step trigger turns epoch ends off: a second callback writes epoch<N>.ckpt (the newest
+        # only) and last.ckpt at every epoch end, so a crash loses at most an epoch even when steps are rarer. No
+        # version counter: both write the one last.ckpt (else the second one finding it writes last-v1.ckpt)
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}",
+                                                             auto_insert_metric_name=False, save_top_k=1,
+                                                             save_last=True, every_n_epochs=1,
+                                                             enable_version_counter=False))
+    if logging:  # the LR monitor needs a logger
+        callbacks.append(L.pytorch.callbacks.LearningRateMonitor())
+    callbacks.extend(strategy_callbacks)
+    if cfg.validation.enabled:
+        callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
+                                             cfg.validation.every_n_epochs, cfg.eval.batch_size,
+                                             seed=cfg.data.split_seed, every_n_steps=cfg.validation.get("every_n_steps"),
+                                             index=cfg.eval.index,
+                                             ignore_identical_ids=cfg.eval.ignore_identical_ids))
+    return callbacks

@@ -128,7 +128,7 @@ def check_targets(cfg: DictConfig, prefix: str = "") -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Refuse, with one sentence, the settings that cannot work together."""
     check_targets(cfg)
-    for key in ("data.path", "model.name_or_path", "batch_size", "loss.temperature", "optim.lr"):
+    for key in ("data.path", "model.name_or_path", "batch_size", "optim.lr"):
         if OmegaConf.select(cfg, key, throw_on_missing=False) is None:
             raise ConfigError(f"config key {key} must be set.")
     check_kinds(cfg, whole=("seed", "data.split_seed", "batch_size", "negatives.group_size", "checkpoint.keep",
@@ -184,62 +184,7 @@ def check_train_config(cfg: DictConfig) -> None:
     from retrieval_lab.retrieval.metrics import check_metrics
 
     check_metrics(cfg.eval.metrics)
-    if cfg.negatives.get("clusters") is not None:
-        require(cfg, "negatives.clusters", cfg.negatives.clusters >= 1, "must be at least 1.")
-        require(cfg, "negatives.clusters_per_batch", 1 <= cfg.negatives.clusters_per_batch <= cfg.batch_size,
-                "must lie between 1 and batch_size.")
-    if cfg.negatives.get("refresh"):
-        require(cfg, "negatives.refresh.every_n_steps", cfg.negatives.refresh.every_n_steps >= 1, "must be 1 or more.")
-        require(cfg, "negatives.balanced_bins", not cfg.negatives.get("balanced_bins"),
-                "draws negatives by their teacher-score margins, which ANCE's re-mined negatives (negatives.refresh) "
-                "do not have: TAS-B's pairs would silently turn into random ones.")
-    if cfg.negatives.get("file"):
-        require(cfg, "pairs", cfg.pairs._target_.endswith("SupervisedPairs"),
-                "cannot use a mined negatives file: only pairs=supervised draws its negatives from one.")
-    if cfg.get("module") and cfg.negatives.module._target_.endswith("MoCoModule"):
-        raise ConfigError(f"negatives=moco cannot be used with module={cfg.module._target_.rsplit('.', 1)[-1]}: "
-                          "that module trains on negatives files, without a momentum queue.")
-    needs_teacher = "teacher" in get_class(cfg.loss._target_).needs
-    if cfg.negatives.module._target_.endswith("MoCoModule"):
-        from retrieval_lab.models.encoder import read_saved_settings
-
-        require(cfg, "loss", not needs_teacher, "needs teacher scores for each query's group of mined negatives, "
-                "which negatives=moco does not use (its negatives are the queue of momentum keys); use "
-                "negatives=bm25, tas or tasb with a scored file.")
-
-        why = ("the momentum key encoder follows the query tower, so a separate document tower would never be "
-               "trained.")
-        towers = cfg.model.get("shared_towers")
-        require(cfg, "model.shared_towers", towers is None or bool(towers), f"cannot train with negatives=moco: {why}")
-        saved = read_saved_settings(cfg.model.name_or_path) or {}  # a model saved by training keeps its towers
-        if not saved.get("shared_towers", True):
-            raise ConfigError(f"model.name_or_path={cfg.model.name_or_path} was saved with separate query and document "
-                              f"towers, so it cannot train with negatives=moco: {why}")
-        require(cfg, "loss.side", cfg.loss.get("side", "query") == "query",
-                "cannot train with negatives=moco: document-side same-tower negatives would be momentum keys, "
-                "which carry no gradient; use loss.side=query.")
-        require(cfg, "negatives.module.queue_size", cfg.negatives.module.queue_size >= 1, "must be at least 1.")
-        require(cfg, "negatives.module.momentum", 0 <= cfg.negatives.module.momentum < 1, "must lie in [0, 1).")
-    module = (cfg.get("module") or cfg.negatives.module)._target_.rsplit(".", 1)[-1]
-    loss = cfg.loss._target_.rsplit(".", 1)[-1]
-    if cfg.model._target_.endswith("CrossEncoder") != (module == "CrossEncoderModule"):
-        raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
-                          "the other modules train a bi-encoder model.")
-    if module == "CrossEncoderModule" and loss != "InfoNCELoss":
-        raise ConfigError(f"module=cross_encoder trains with a fixed objective (cross-entropy over each group): "
-                          f"loss={loss} would be ignored; leave loss at its default.")
-    if module == "CrossEncoderModule" and (cfg.negatives.get("refresh") or cfg.negatives.get("clusters")):
-        raise ConfigError("module=cross_encoder trains on fixed negatives files (negatives=bm25): ANCE re-mining and "
-                          "TAS clustering need a bi-encoder's embeddings.")
-    if module in ("CrossEncoderModule", "RocketQAModule") or needs_teacher:
-        names = {"CrossEncoderModule": "module=cross_encoder", "RocketQAModule": "module=rocketqa"}
-        why = names.get(module, f"loss={loss}")
-        if not cfg.negatives.get("file") or group < 2:
-            raise ConfigError(f"{why} needs groups of hard negatives: a negatives file and negatives.group_size >= 2 "
-                              "(e.g. negatives=bm25).")
-        if needs_teacher and module != "RocketQAModule" and cfg.negatives.get("refresh"):
-            raise ConfigError(f"negatives=ance cannot be used with {why}: its re-mined negatives carry no teacher "
-                              "score (use negatives=bm25, tas or tasb with a scored file).")
+    check_declarations(cfg)
     if cfg.data.get("dev_split"):
         require(cfg, "data.dev_split", cfg.data.dev_split not in (cfg.data.train_split, cfg.eval.split),
                 "is also the training or the test split: validation would measure what training sees or tunes on "
@@ -247,6 +192,80 @@ def check_train_config(cfg: DictConfig) -> None:
     if cfg.data.get("dev_split") is None and cfg.validation.enabled:
         require(cfg, "data.dev_fraction", 0 < cfg.data.dev_fraction < 1,
                 "must lie strictly between 0 and 1 to carve a dev split (or set validation.enabled=false).")
+
+
+def build(node: DictConfig):
+    """``instantiate(node)``, a ConfigError of the class's own checks raised as it is (not wrapped by Hydra)."""
+    from hydra.utils import instantiate
+
+    from retrieval_lab.errors import find_user_error
+
+    try:
+        return instantiate(node)
+    except Exception as err:  # noqa: BLE001 - re-raised unless a sentence of ours is behind it
+        found = find_user_error(err)
+        if found is None:
+            raise
+        raise found from None
+
+
+def module_config(cfg: DictConfig) -> DictConfig:
+    """The LightningModule's config: ``module`` (conf/module/*) where set, else the negative strategy's."""
+    return cfg.module if cfg.get("module") else cfg.negatives.module
+
+
+def check_declarations(cfg: DictConfig) -> None:
+    """The cross-cutting checks, read from what each part declares: the loss (an instance: its blocks and needs
+    follow its settings), the negative strategy (an instance), the module class, the model family's class (not
+    instantiated: that would load weights) and the pairs class."""
+    loss, strategy = build(cfg.loss), build(cfg.negatives)
+    module, family, pairs = (get_class(module_config(cfg)._target_), get_class(cfg.model._target_),
+                             get_class(cfg.pairs._target_))
+    strategy.check(cfg, loss, module, family)
+    if strategy.file and not pairs.takes_negatives:
+        raise ConfigError(f"pairs={pairs.__name__} cannot use a mined negatives file: only pairs=supervised draws "
+                          "its negatives from one.")
+    kept = sorted(strategy.needs - module.provides - {"vector", "vectors", "sparse", "pairs"})  # by its module
+    if kept:
+        raise ConfigError(f"negatives={strategy.option} cannot be used with module={module.__name__}: "
+                          f"{strategy.why.get(kept[0], f'that module does not provide its {kept[0]}.')}")
+    representation = family.doc_representation
+    if representation not in module.families:
+        if "pairs" in (representation, *module.families):
+            raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
+                              "the other modules train a bi-encoder model.")
+        raise ConfigError(f"module={module.__name__} cannot train model={family.__name__}: it trains model "
+                          f"families whose doc_representation is {' or '.join(sorted(module.families))}, not "
+                          f"'{representation}'.")
+    loss_name = f"loss={type(loss).__name__}"
+    if not module.takes_loss and not isinstance(loss, module.ignored_loss):
+        raise ConfigError(f"module={module.option} trains with a fixed objective (cross-entropy over each group): "
+                          f"{loss_name} would be ignored; leave loss at its default.")
+    wanted = strategy.needs & {"vector", "vectors", "sparse", "pairs"}
+    if wanted and representation not in wanted:
+        why = strategy.why.get(next(iter(sorted(wanted))), "")
+        if module.fixed_negatives:
+            raise ConfigError(f"module={module.option} trains on fixed negatives files (negatives=bm25): {why}")
+        raise ConfigError(f"negatives={strategy.option} cannot be used with model={family.__name__} "
+                          f"(doc_representation '{representation}'): {why}")
+    given = strategy.provides | module.provides
+    if module.needs - strategy.provides:
+        raise ConfigError(strategy.refusal(f"module={module.option}", module.needs - strategy.provides))
+    if not module.takes_loss:
+        return
+    if module.loss_needs - loss.needs:
+        raise ConfigError(module.loss_refusal)
+    unread = loss.blocks - family.blocks
+    if unread:
+        block = sorted(unread)[0]
+        setting = loss.setting_for(block)
+        raise ConfigError(f"{loss_name}{f' with {setting}' if setting else ''} reads the {block} scores, which "
+                          f"model={family.__name__} does not compute (it computes {', '.join(sorted(family.blocks))}).")
+    if loss.needs - given:
+        raise ConfigError(strategy.refusal(loss_name, loss.needs - given))
+    if "queue" in strategy.provides and "queue" not in loss.blocks:
+        raise ConfigError(f"negatives={strategy.option} gives the loss a queue of momentum keys as negatives, which "
+                          f"{loss_name} does not read: the queue would be ignored (use negatives=inbatch or bm25).")
 
 
 def _not_litlogger_tip(record) -> bool:

@@ -264,7 +264,8 @@ def csv_logger(run_dir: Path, resume_step: int | None = None):
 RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar",
                      "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "trainer.accelerator",
                      "trainer.strategy", "trainer.precision", "num_workers", "eval.", "validation.", "checkpoint.",
-                     "logger.", "save_model")
+                     "logger.", "save_model",
+                     "negatives._target_")  # the strategy's class: checkpoints from before it was named resume
 
 
 def resolved_config(cfg: DictConfig) -> dict:

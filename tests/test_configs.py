@@ -113,17 +113,25 @@ def test_num_workers_auto_feeds_gpus_and_stays_off_on_a_cpu_and_with_ance(monkey
     taken as it is, anything else refused."""
     from test_combinations import compose_train
 
-    from retrieval_lab import train
+    import os
 
-    workers = lambda *overrides: train.data_workers(compose_train(list(overrides)))  # noqa: E731
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    import torch
+    from hydra.utils import instantiate
+
+    from retrieval_lab.data.datamodule import data_workers
+
+    def workers(*overrides):
+        cfg = compose_train(list(overrides))
+        return data_workers(cfg, instantiate(cfg.negatives).uses_workers)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert workers() == 0 and workers("num_workers=3") == 3
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert workers("trainer.devices=1") == 8 and workers("trainer.devices=2") == 4 and workers() == 2  # auto: all 4
     assert workers("trainer.accelerator=cpu") == 0 and workers("negatives=ance") == 0
-    monkeypatch.setattr(train.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert workers() == 1
     for bad in ("num_workers=-1", "num_workers=many"):
         with pytest.raises(ConfigError, match="num_workers"):

@@ -45,7 +45,6 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
 
     from retrieval_lab.data.beir import BeirDataset
     from retrieval_lab.evaluate import dev_split
-    from retrieval_lab.train import build_data
 
     dataset = BeirDataset(beir_folder)
 
@@ -56,7 +55,7 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
         if primary == "evaluate":
             return sorted(dev_split(dataset, cfg).qrels)
         module = instantiate(cfg.negatives.module)(encoder=instantiate(cfg.model), loss=instantiate(cfg.loss))
-        datamodule, dev = build_data(cfg, dataset, module)
+        datamodule, dev = instantiate(cfg.negatives).build_data(cfg, dataset, module)
         assert not set(dev) & set(datamodule.train_set.qids)
         return sorted(dev)
 

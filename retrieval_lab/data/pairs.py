@@ -30,6 +30,9 @@ class SupervisedPairs(Dataset):
     positive of a query (none is ever a negative of it, in its group or in the batch's other groups); ``positives``
     those a positive is drawn from (with ``teacher``: those the file scores)."""
 
+    needs_qrels = True  # its queries and positives are the training judgements
+    takes_negatives = True  # draws its negatives from a mined negatives file (negatives.file)
+
     def __init__(self, dataset: BeirDataset, qrels: Qrels, group_size: int = 1, seed: int = 0,
                  negatives: dict[str, QueryNegatives] | None = None, balanced_bins: int | None = None,
                  teacher: bool = False):
@@ -149,6 +152,7 @@ class _DocumentViews(Dataset):
     """One training example per document of a corpus (the BEIR corpus, or a plain text/JSONL file)."""
 
     needs_qrels = False  # label-free: a data set without training judgements will do
+    takes_negatives = False  # both sides come from one document: a mined negatives file has no place
 
     def __init__(self, dataset: BeirDataset, qrels: Qrels | None = None, group_size: int = 1, seed: int = 0,
                  corpus: str | None = None, augmentation: Augmentation | dict | None = None, min_words: int = 8):

@@ -45,7 +45,17 @@ class BiEncoderModule(L.LightningModule):
     # cross-encoder for [CLS] q [SEP] d [SEP] inputs (None: none)
     uses_towers = True
     pair_tokenizer = None
-    provides = frozenset()  # what the module gives a loss beyond the data ("teacher": RocketQA's ranker scores)
+    # declarations read by config.check_train_config: what the module gives a loss beyond the data ("teacher":
+    # RocketQA's ranker scores, "queue": MoCo's momentum keys); what it needs from the negative strategy
+    # ("hard_negatives"); the losses it takes (loss_needs: what such a loss must need; takes_loss=False: the
+    # objective is fixed); the doc_representation of the model families it trains; its module=... option name
+    provides = frozenset()
+    needs = frozenset()
+    loss_needs = frozenset()
+    takes_loss = True
+    fixed_negatives = False  # True: trains on a negatives file's groups only (no re-mining, no clustering)
+    families = frozenset({"vector", "vectors", "sparse"})  # bi-encoders: every family but the cross-encoder
+    option = None
 
     def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
                   shard: bool = False):

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError, warn
+from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.models.biencoder import BiEncoderModule
 from retrieval_lab.models.family import ModelFamily
 from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights,
@@ -127,6 +128,14 @@ class CrossEncoderModule(BiEncoderModule):
 
     uses_towers = False
     gather_negatives = False
+    needs = frozenset({"hard_negatives"})
+    families = frozenset({"pairs"})
+    option = "cross_encoder"
+    # the objective is fixed: the loss is not used, and only the config's default loss (InfoNCE), which nobody
+    # chose, is taken without a word
+    takes_loss = False
+    ignored_loss = InfoNCELoss
+    fixed_negatives = True
 
     def __init__(self, encoder: CrossEncoder, loss=None, group_size: int = 2, rerank_depth: int = 100, **kwargs):
         if not isinstance(encoder, CrossEncoder):

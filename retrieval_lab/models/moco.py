@@ -29,6 +29,7 @@ from retrieval_lab.models.grad_cache import embed_in_chunks
 class MoCoModule(BiEncoderModule):
     gather_negatives = False
     provides = frozenset({"queue"})
+    families = frozenset({"vector"})  # the queue holds one key vector per document
 
     def __init__(self, encoder, loss, queue_size: int = 65536, momentum: float = 0.999, **kwargs):
         super().__init__(encoder, loss, **kwargs)

@@ -27,14 +27,18 @@ from retrieval_lab.models.cross_encoder import CrossEncoder
 
 class RocketQAModule(BiEncoderModule):
     provides = frozenset({"teacher"})  # the teacher scores are the ranker's, computed in each step
+    needs = frozenset({"hard_negatives"})
+    loss_needs = frozenset({"teacher"})  # the loss distils the ranker's scores
+    option = "rocketqa"
+    loss_refusal = ("module=rocketqa distils the ranker into the retriever: use loss=listwise_kl (or another teacher "
+                    "loss such as margin_mse).")
     gather_negatives = False
 
     def __init__(self, encoder, loss, cross_encoder: CrossEncoder, group_size: int = 2, **kwargs):
         if group_size < 2:
             raise ConfigError("module=rocketqa needs hard negatives: negatives.group_size >= 2 and a negatives file.")
         if "teacher" not in loss.needs:
-            raise ConfigError("module=rocketqa distils the ranker into the retriever: use loss=listwise_kl "
-                              "(or another teacher loss such as margin_mse).")
+            raise ConfigError(self.loss_refusal)
         super().__init__(encoder, loss, group_size, **kwargs)
         self.cross_encoder = cross_encoder
 
