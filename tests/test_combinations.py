@@ -124,3 +124,55 @@ def test_label_free_pairs_train_on_a_data_set_without_training_judgements(tiny_m
     with pytest.raises(DataError, match=r"qrels/train.tsv not found: data set .* has no 'train' split"):
         train(compose_train(["pairs=cropping", *[o for o in overrides if o != "validation.enabled=false"]]),
               tmp_path / "with_validation")
+
+
+def conf_options(group: str) -> list[str]:
+    """The options of a config group as found in conf/ (those that leave a key to the user, as model=hf's name,
+    left out)."""
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml") if "???" not in p.read_text())
+
+
+def check_or_sentence(overrides: list[str], file=None):
+    """The composed config when ``check_train_config`` accepts it (``file``: the negatives file of a strategy that
+    reads one); else the refusal, asserted to be one sentence."""
+    cfg = compose_train(overrides)
+    if file is not None and cfg.negatives.get("file"):
+        cfg.negatives.file = str(file)
+    try:
+        config.check_train_config(cfg)
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message and message.rstrip().endswith((".", ")")), (overrides, message)
+        return None
+    return cfg
+
+
+@pytest.mark.parametrize("module", [None, *conf_options("module")])
+def test_every_option_found_in_conf_is_checked_or_refused_with_a_sentence(module):
+    """Every loss x negatives (x model) pair of conf/, for every module: accepted by the checks, or refused with
+    one sentence. A new loss, negative strategy, model family or module is covered as soon as its YAML exists."""
+    extra = [f"module={module}"] if module else []
+    accepted = 0
+    for loss, negatives in itertools.product(conf_options("loss"), conf_options("negatives")):
+        accepted += check_or_sentence([f"loss={loss}", f"negatives={negatives}", *extra]) is not None
+    for model, loss in itertools.product(conf_options("model"), conf_options("loss")):
+        check_or_sentence([f"model={model}", f"loss={loss}", *extra])
+    assert accepted >= 1  # every module trains with some pair of conf/
+
+
+@pytest.mark.parametrize("loss", conf_options("loss"))
+def test_every_accepted_loss_and_negatives_pair_of_conf_trains_a_step(loss, bm25_negatives, tiny_model, beir_folder,
+                                                                        tmp_path):
+    """Each loss of conf/ with every negative strategy of conf/ that the checks accept (negatives files: the
+    tiny data set's BM25 negatives) takes a training step through the entry point's code."""
+    for negatives in conf_options("negatives"):
+        overrides = [f"loss={loss}", f"negatives={negatives}", "data=beir", f"data.path={beir_folder}",
+                     f"model.name_or_path={tiny_model}", *[o for o in FAST if "queue_size" not in o],
+                     "trainer.max_steps=1", *(["negatives.module.queue_size=6"] if negatives == "moco" else []),
+                     *(["negatives.refresh.every_n_steps=1", "negatives.refresh.depth=10"] if negatives == "ance"
+                       else [])]
+        cfg = check_or_sentence(overrides, bm25_negatives)
+        if cfg is None:
+            continue
+        train(cfg, tmp_path / negatives)
+        assert json.loads((tmp_path / negatives / "metrics.json").read_text())["steps"] == 1, (loss, negatives)
