@@ -118,3 +118,19 @@ def test_trains_with_the_dpr_recipe_and_saves_its_vectors(tiny_model, beir_folde
     assert metrics["steps"] == 2 and 0 <= metrics["after"]["ndcg@10"] <= 1
     assert json.loads((tmp_path / "run" / "model" / "retrieval_lab.json").read_text())["vectors"] == 4
     assert MEBERT(name_or_path=str(tmp_path / "run" / "model")).vectors == 4  # m comes back with the folder
+
+
+def test_moco_is_refused_and_ance_re_mines_with_its_index(tiny_model, beir_folder, bm25_negatives, tmp_path):
+    """MoCo's queue holds one key vector per document: refused in a sentence. ANCE re-mines with the family's own
+    index (each document's best vector)."""
+    from retrieval_lab import config
+
+    with pytest.raises(ConfigError, match="cannot train model=MEBERT: it trains model families whose "
+                                          "doc_representation is vector"):
+        config.check_train_config(compose_train(["model=mebert", "negatives=moco"]))
+    overrides = ["model=mebert", "model.vectors=3", f"model.name_or_path={tiny_model}", "negatives=ance",
+                 f"negatives.file={bm25_negatives}", "negatives.refresh.every_n_steps=1", "negatives.refresh.depth=10",
+                 "negatives.refresh.background=false", "data=beir", f"data.path={beir_folder}",
+                 *[o for o in FAST if "queue_size" not in o]]
+    train(compose_train(overrides), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2

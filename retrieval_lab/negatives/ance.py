@@ -11,7 +11,7 @@ BINS_WHY = ("draws negatives by their teacher-score margins, which ANCE's re-min
 
 class Ance(MinedFile):
     option = "ance"
-    needs = frozenset({"vector"})  # re-mined with a dense index of one vector per document
+    needs = frozenset({"vector", "vectors"})  # re-mined with the family's index of its encoded documents
     why = {"vector": "ANCE re-mining needs a bi-encoder's embeddings."}
     uses_workers = False  # a worker would see a refresh only from the next epoch on
 

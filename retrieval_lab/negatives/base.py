@@ -3,8 +3,9 @@ that contributes what its negatives take to a run, and declares what it provides
 
 - ``provides``: what it gives a loss (``hard_negatives``: groups of a positive and mined negatives; ``teacher``:
   teacher scores for each group, which a scored negatives file carries; ``queue``: MoCo's momentum keys).
-- ``needs``: ``vector`` (a model family with one vector per document, ``doc_representation`` "vector") and what
-  its module must provide (``queue``); ``config.check_train_config`` matches them with the family and the module.
+- ``needs``: the model families it works with, by ``doc_representation`` (``vector``: one vector per document;
+  ``vectors``: several; a strategy that names none works with any) and what its module must provide (``queue``);
+  ``config.check_train_config`` matches them with the family and the module.
 - ``check(cfg, loss, module_class, family_class)``: its own settings, each refusal one sentence naming the key.
 - ``build_data`` (the training set, its dataset extras and batch sampler, the data module), ``callbacks``,
   ``module`` (a partial of the LightningModule class), ``uses_workers`` (whether ``num_workers=auto`` may use

@@ -11,7 +11,7 @@ from retrieval_lab.negatives.mined import MinedFile
 
 class Tas(MinedFile):
     option = "tas"
-    needs = frozenset({"vector"})  # k-means over query embeddings
+    needs = frozenset({"vector", "vectors"})  # k-means over query embeddings (one vector per query in both)
     why = {"vector": "TAS clustering needs a bi-encoder's embeddings."}
 
     def __init__(self, group_size: int = 2, file: str | None = None, clusters: int = 8, clusters_per_batch: int = 2,
