@@ -218,6 +218,8 @@ def check_declarations(cfg: DictConfig) -> None:
     """The cross-cutting checks, read from what each part declares: the loss (an instance: its blocks and needs
     follow its settings), the negative strategy (an instance), the module class, the model family's class (not
     instantiated: that would load weights) and the pairs class."""
+    from retrieval_lab.models.family import REPRESENTATIONS
+
     loss, strategy = build(cfg.loss), build(cfg.negatives)
     module, family, pairs = (get_class(module_config(cfg)._target_), get_class(cfg.model._target_),
                              get_class(cfg.pairs._target_))
@@ -225,11 +227,18 @@ def check_declarations(cfg: DictConfig) -> None:
     if strategy.file and not pairs.takes_negatives:
         raise ConfigError(f"pairs={pairs.__name__} cannot use a mined negatives file: only pairs=supervised draws "
                           "its negatives from one.")
-    kept = sorted(strategy.needs - module.provides - {"vector", "vectors", "sparse", "pairs"})  # by its module
+    kept = sorted(strategy.needs - module.provides - REPRESENTATIONS)  # what its module must keep
     if kept:
         raise ConfigError(f"negatives={strategy.option} cannot be used with module={module.__name__}: "
                           f"{strategy.why.get(kept[0], f'that module does not provide its {kept[0]}.')}")
     representation = family.doc_representation
+    wanted = strategy.needs & REPRESENTATIONS
+    if wanted and representation not in wanted:
+        why = strategy.why.get(next(iter(sorted(wanted))), "")
+        if module.fixed_negatives:
+            raise ConfigError(f"module={module.option} trains on fixed negatives files (negatives=bm25): {why}")
+        raise ConfigError(f"negatives={strategy.option} cannot be used with model={family.__name__} "
+                          f"(doc_representation '{representation}'): {why}")
     if representation not in module.families:
         if "pairs" in (representation, *module.families):
             raise ConfigError("a cross-encoder is trained with module=cross_encoder (which sets model=cross_encoder); "
@@ -241,13 +250,6 @@ def check_declarations(cfg: DictConfig) -> None:
     if not module.takes_loss and not isinstance(loss, module.ignored_loss):
         raise ConfigError(f"module={module.option} trains with a fixed objective (cross-entropy over each group): "
                           f"{loss_name} would be ignored; leave loss at its default.")
-    wanted = strategy.needs & {"vector", "vectors", "sparse", "pairs"}
-    if wanted and representation not in wanted:
-        why = strategy.why.get(next(iter(sorted(wanted))), "")
-        if module.fixed_negatives:
-            raise ConfigError(f"module={module.option} trains on fixed negatives files (negatives=bm25): {why}")
-        raise ConfigError(f"negatives={strategy.option} cannot be used with model={family.__name__} "
-                          f"(doc_representation '{representation}'): {why}")
     given = strategy.provides | module.provides
     if module.needs - strategy.provides:
         raise ConfigError(strategy.refusal(f"module={module.option}", module.needs - strategy.provides))

@@ -271,10 +271,12 @@ RESUMABLE_CHANGES = ("resume", "trainer.max_epochs", "trainer.max_steps", "train
 def resolved_config(cfg: DictConfig) -> dict:
     """The config as a dict, with the encoder's effective settings where the model config leaves them null (a saved
     folder's value, else the default; :func:`retrieval_lab.models.encoder.effective_settings`)."""
-    from retrieval_lab.models.encoder import effective_settings
+    from hydra.utils import get_class
+
+    from retrieval_lab.models.encoder import Encoder, effective_settings
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.model._target_.endswith(".Encoder"):
+    if issubclass(get_class(cfg.model._target_), Encoder):
         resolved["model"].update(effective_settings(cfg.model.name_or_path, resolved["model"]))
     return resolved
 

@@ -125,8 +125,8 @@ def test_moco_is_refused_and_ance_re_mines_with_its_index(tiny_model, beir_folde
     index (each document's best vector)."""
     from retrieval_lab import config
 
-    with pytest.raises(ConfigError, match="cannot train model=MEBERT: it trains model families whose "
-                                          "doc_representation is vector"):
+    with pytest.raises(ConfigError, match=r"negatives=moco cannot be used with model=MEBERT \(doc_representation "
+                                          r"'vectors'\): its queue holds one key vector per document"):
         config.check_train_config(compose_train(["model=mebert", "negatives=moco"]))
     overrides = ["model=mebert", "model.vectors=3", f"model.name_or_path={tiny_model}", "negatives=ance",
                  f"negatives.file={bm25_negatives}", "negatives.refresh.every_n_steps=1", "negatives.refresh.depth=10",

@@ -67,3 +67,10 @@ def test_trains_with_in_batch_bm25_and_moco_negatives(negatives, tiny_model, bei
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
     log = (tmp_path / "csv" / "metrics.csv").read_text()
     assert "train/loss" in log
+
+
+def test_a_nan_score_makes_the_loss_nan_and_is_not_dropped_like_a_false_negative():
+    q = torch.nn.functional.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    d = q.clone()
+    d[1, 0] = float("nan")
+    assert torch.isnan(loss_on_vectors(RankNetLoss(), q, d))

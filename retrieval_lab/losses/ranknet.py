@@ -34,7 +34,7 @@ class RankNetLoss(Loss):
     def forward(self, scores: Scores) -> torch.Tensor:
         logits, targets = contrastive_logits(scores, 1.0)  # false negatives and masked queue keys at -inf
         rows = torch.arange(len(targets), device=logits.device)
-        negative = torch.isfinite(logits)
+        negative = logits != float("-inf")  # a NaN score stays in, so the loss is NaN and training stops
         negative[rows, targets] = False
         margin = self.scale * (logits - logits[rows, targets][:, None])
         pairs = F.softplus(margin).masked_fill(~negative, 0.0)

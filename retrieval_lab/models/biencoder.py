@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from retrieval_lab.data.datamodule import false_negatives
 from retrieval_lab.distributed import average_gradients
 from retrieval_lab.models import representation
+from retrieval_lab.models.family import REPRESENTATIONS
 from retrieval_lab.models.grad_cache import grad_cached_backward
 
 
@@ -54,7 +55,7 @@ class BiEncoderModule(L.LightningModule):
     loss_needs = frozenset()
     takes_loss = True
     fixed_negatives = False  # True: trains on a negatives file's groups only (no re-mining, no clustering)
-    families = frozenset({"vector", "vectors", "sparse"})  # bi-encoders: every family but the cross-encoder
+    families = REPRESENTATIONS - {"pairs"}  # bi-encoders: every family but the cross-encoder
     option = None
 
     def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,

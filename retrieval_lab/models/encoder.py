@@ -30,7 +30,6 @@ import socket
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -397,10 +396,6 @@ class Encoder(ModelFamily):
 
     def encode_queries(self, inputs) -> torch.Tensor:
         return self._encode(self.query_model, inputs)
-
-    def empty(self, count: int, side: str):
-        """Room for ``count`` encoded texts of ``side`` (query or doc), as :func:`encoding.encode_texts` fills it."""
-        return np.zeros((count, self.dim), dtype=np.float32)
 
     def encode_docs(self, inputs) -> torch.Tensor:
         return self._encode(self.doc_model if self.doc_model is not None else self.query_model, inputs)

@@ -8,18 +8,23 @@ indexed and searched with them. Every part of training and retrieval goes throug
   query against its own G documents only. ``score_blocks`` builds from them the blocks a loss declared.
 - ``build_index(docs, index, device)``: an index over encoded documents whose ``search(queries, k)`` returns
   (scores, document rows), each Q x k; ``retriever(...)``: what validation and test evaluation retrieve with.
-- Declarations: ``doc_representation`` ("vector": one vector per document, which a MoCo queue and k-means
-  clustering need; "vectors"; "sparse") and ``blocks``, the score blocks the family can compute.
+- ``empty(count, side)``: room for ``count`` encoded texts, which ``encoding.encode_texts`` fills.
+- Declarations: ``doc_representation`` (one of ``REPRESENTATIONS``: "vector", one vector per document, which a
+  MoCo queue needs; "vectors"; "sparse"; "pairs", scored jointly with the query) and ``blocks``, the score
+  blocks the family can compute.
 
 The defaults here are those of the single-vector bi-encoder: inner products of one vector per text, an exact or
 HNSW inner-product index (faiss, or torch on a GPU).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
 from retrieval_lab.losses.scores import BLOCKS, FalseNegatives, Scores, anchor_rows
+
+REPRESENTATIONS = frozenset({"vector", "vectors", "sparse", "pairs"})  # what a family's documents become
 
 
 class ModelFamily(nn.Module):
@@ -31,6 +36,10 @@ class ModelFamily(nn.Module):
 
     def encode_docs(self, inputs):
         raise NotImplementedError
+
+    def empty(self, count: int, side: str):
+        """Room for ``count`` encoded texts of ``side`` (query or doc): one float32 vector of ``self.dim`` each."""
+        return np.zeros((count, self.dim), dtype=np.float32)
 
     def score(self, a, b) -> torch.Tensor:
         """``a @ b.T`` in float32, autocast or not (gradients flow back to ``a`` and ``b`` in their own dtypes)."""
@@ -51,7 +60,8 @@ class ModelFamily(nn.Module):
         rows = anchor_rows(q, rows)
         out = Scores(rows=rows, group_size=group_size, batch_size=len(q), mask=mask, queue_mask=queue_mask,
                      teacher=teacher)
-        positives = d[torch.arange(len(q), device=rows.device) * group_size]
+        if {"doc_doc", "doc_query"} & set(blocks):
+            positives = d[torch.arange(len(q), device=rows.device) * group_size]
         if "query_doc" in blocks:
             out.query_doc = self.score(q[rows], d)
         if "groups" in blocks:

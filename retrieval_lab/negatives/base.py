@@ -96,4 +96,6 @@ class NegativeStrategy:
 
 
 def refuse(key: str, value, why: str) -> None:
-    raise ConfigError(f"{key}={value} {why}")
+    """A ConfigError naming ``key`` with ``value`` as the config spells it (null, true, false)."""
+    shown = "null" if value is None else "true" if value is True else "false" if value is False else value
+    raise ConfigError(f"{key}={shown} {why}")

@@ -4,6 +4,7 @@ negatives, as in DPR. TAS-B adds each query's (positive, negative) pair drawn un
 file's teacher scores."""
 from __future__ import annotations
 
+from retrieval_lab.errors import ConfigError
 from retrieval_lab.negatives.ance import BINS_WHY
 from retrieval_lab.negatives.base import refuse
 from retrieval_lab.negatives.mined import MinedFile
@@ -43,6 +44,9 @@ class TasB(Tas):
         super().check(cfg, loss, module_class, family_class)
         if self.refresh and self.balanced_bins:  # ANCE's re-mining cannot be added to TAS-B
             refuse("negatives.balanced_bins", self.balanced_bins, BINS_WHY)
+        if self.refresh:
+            raise ConfigError("negatives.refresh re-mines negatives under negatives=ance only: negatives=tasb would "
+                              "ignore it.")
 
     def dataset_extras(self, dataset, qrels) -> dict:
         extras = super().dataset_extras(dataset, qrels)

@@ -93,7 +93,8 @@ class DenseRetriever:
             self.encoder.to(device)
         self.device = device
 
-    def encode(self, texts: list[str], side: str, desc: str) -> np.ndarray:
+    def encode(self, texts: list[str], side: str, desc: str):
+        """The family's representation of ``texts`` (``ModelFamily.empty``), in input order."""
         return encode_texts(self.encoder, texts, side, self.batch_size, self.device, self.progress, desc=desc,
                             token_budget=self.token_budget, dtype=self.dtype, compile=self.compile,
                             tokenize_processes=self.tokenize_processes)

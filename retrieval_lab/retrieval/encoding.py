@@ -67,9 +67,9 @@ def encode_texts(encoder, texts: list[str], side: str, batch_size: int = 128, de
                  progress: bool = True, desc: str | None = None, token_budget: int | None = None,
                  cache: TokenCache | None = TOKEN_CACHE, flush_rows: int = 65536,
                  dtype: torch.dtype | str | None = "auto", compile: bool | str = False,
-                 tokenize_processes: int | str = "auto") -> np.ndarray:
-    """Embed ``texts`` (float32, in input order; the family's representation, ``encoder.empty``). Texts are tokenised once (``cache``), sorted by token length
-    and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
+                 tokenize_processes: int | str = "auto"):
+    """Embed ``texts``: the family's representation (``encoder.empty``: float32, in input order). Texts are tokenised
+    once (``cache``), sorted by token length and batched so that padding is small (``token_budget``: tokens per batch instead of a fixed count).
     ``dtype``: ``auto`` runs the encoder as it is, under bf16 autocast on a GPU; a dtype (or its name) runs a copy
     of the encoder with its weights in that type, without autocast. ``compile``: run the towers through
     ``torch.compile`` (True: inductor; or a backend's name); the first call compiles, which pays off only on
