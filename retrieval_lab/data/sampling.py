@@ -166,16 +166,3 @@ def balanced_pair(pairs: list[tuple[str, str, float]], bins: int, rng: random.Ra
         by_bin.setdefault(min(bins - 1, int((margin - low) / width)), []).append((pos, neg))
     chosen = by_bin[rng.choice(sorted(by_bin))]
     return rng.choice(chosen)
-
-
-def tas_batch_sampler(train_set, encoder, clusters: int, clusters_per_batch: int, batch_size: int, seed: int):
-    """Cluster the training queries with ``encoder`` (the model about to be trained) and compose batches by cluster."""
-    from retrieval_lab.retrieval.encoding import encode_texts
-
-    texts = [train_set.dataset.queries[q] for q in train_set.qids]
-    embeddings = encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters")
-    labels = cluster_embeddings(embeddings, clusters, seed, min_size=share_of(batch_size, clusters_per_batch))
-    sizes = np.bincount(labels)
-    print(f"TAS: {len(texts)} training queries in {(sizes > 0).sum()} clusters "
-          f"(sizes {sizes[sizes > 0].min()}-{sizes.max()}), {clusters_per_batch} per batch")
-    return ClusterBatchSampler(train_set, labels, batch_size, clusters_per_batch, seed)

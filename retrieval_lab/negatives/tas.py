@@ -1,5 +1,5 @@
 """TAS (Hofstätter et al., 2021): every batch draws its queries from a few query clusters (k-means over the
-embeddings of the model about to be trained, ``data/sampling.tas_batch_sampler``); groups = positive + mined
+embeddings of the model about to be trained, ``Tas.batch_sampler``); groups = positive + mined
 negatives, as in DPR. TAS-B adds each query's (positive, negative) pair drawn uniformly over margin bins of the
 file's teacher scores."""
 from __future__ import annotations
@@ -27,9 +27,21 @@ class Tas(MinedFile):
             refuse("negatives.clusters_per_batch", self.clusters_per_batch, "must lie between 1 and batch_size.")
 
     def batch_sampler(self, train_set, encoder, batch_size: int, seed: int):
-        from retrieval_lab.data.sampling import tas_batch_sampler
+        """Cluster the training queries with ``encoder`` (the model about to be trained) and compose batches by
+        cluster."""
+        import numpy as np
 
-        return tas_batch_sampler(train_set, encoder, self.clusters, self.clusters_per_batch, batch_size, seed)
+        from retrieval_lab.data.sampling import ClusterBatchSampler, cluster_embeddings, share_of
+        from retrieval_lab.retrieval.encoding import encode_texts
+
+        texts = [train_set.dataset.queries[q] for q in train_set.qids]
+        embeddings = encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters")
+        labels = cluster_embeddings(embeddings, self.clusters, seed,
+                                    min_size=share_of(batch_size, self.clusters_per_batch))
+        sizes = np.bincount(labels)
+        print(f"TAS: {len(texts)} training queries in {(sizes > 0).sum()} clusters "
+              f"(sizes {sizes[sizes > 0].min()}-{sizes.max()}), {self.clusters_per_batch} per batch")
+        return ClusterBatchSampler(train_set, labels, batch_size, self.clusters_per_batch, seed)
 
 
 class TasB(Tas):
