@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from retrieval_lab import config
 from retrieval_lab.callbacks import AtomicCheckpointIO, build_callbacks, sample_corpus
 from retrieval_lab.data.beir import BeirDataset, BeirSplit
+from retrieval_lab.data.datamodule import build_datamodule
 from retrieval_lab.errors import UserError, exit_on_user_error
 from retrieval_lab.files import atomic_save_folder
 from retrieval_lab.loggers import build_loggers, finish_loggers, hydra_job
@@ -48,7 +49,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     module = instantiate(module_cfg)(encoder=encoder, loss=instantiate(cfg.loss),
                                      group_size=cfg.negatives.group_size, **cfg.optim, **grad_cache)
     strategy = instantiate(cfg.negatives)  # what the negatives take: dataset extras, batch sampler, callbacks
-    datamodule, dev_qrels = strategy.build_data(cfg, dataset, module)
+    datamodule, dev_qrels = build_datamodule(cfg, dataset, module, strategy)
 
     commit = config.git_commit()  # the code as it was when the run started
     info = {"run_dir": str(run_dir), **commit, "train_examples": len(datamodule.train_set)}

@@ -44,6 +44,7 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
     from hydra.utils import instantiate
 
     from retrieval_lab.data.beir import BeirDataset
+    from retrieval_lab.data.datamodule import build_datamodule
     from retrieval_lab.evaluate import dev_split
 
     dataset = BeirDataset(beir_folder)
@@ -55,7 +56,7 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
         if primary == "evaluate":
             return sorted(dev_split(dataset, cfg).qrels)
         module = instantiate(cfg.negatives.module)(encoder=instantiate(cfg.model), loss=instantiate(cfg.loss))
-        datamodule, dev = instantiate(cfg.negatives).build_data(cfg, dataset, module)
+        datamodule, dev = build_datamodule(cfg, dataset, module, instantiate(cfg.negatives))
         assert not set(dev) & set(datamodule.train_set.qids)
         return sorted(dev)
 

@@ -147,3 +147,36 @@ def data_workers(cfg, may_use_workers: bool = True) -> int:
     devices = cfg.trainer.get("devices")
     gpus = devices if isinstance(devices, int) and devices > 0 else torch.cuda.device_count()
     return max(1, min(8, machine_cores() // (2 * max(1, gpus))))
+
+
+def build_datamodule(cfg, dataset, module, strategy):
+    """The training set the config asks for (``cfg.pairs`` with the negative ``strategy``'s extras and batch
+    sampler), batched as ``module`` needs it; and the dev qrels for validation."""
+    from hydra.utils import get_class, instantiate
+
+    from retrieval_lab.data.beir import carve_dev
+
+    encoder = module.encoder
+    carve = cfg.validation.enabled and not cfg.data.dev_split  # the dev queries come out of the training qrels
+    labels = get_class(cfg.pairs._target_).needs_qrels or strategy.file
+    train_qrels = dataset.qrels(cfg.data.train_split, reachable_only=True) if labels or carve else None
+    dev_qrels = None
+    extras = strategy.dataset_extras(dataset, train_qrels)
+    if module.loss is not None and "teacher" in module.loss.needs and "teacher" not in module.provides:
+        extras["teacher"] = True
+    if cfg.data.dev_split:
+        dev_qrels = dataset.qrels(cfg.data.dev_split)
+    elif carve:
+        train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.data.split_seed)
+    train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=strategy.group_size,
+                                       seed=cfg.seed, **extras)
+    if getattr(train_set, "skipped", 0):
+        print(f"{train_set.skipped} training queries have no teacher score for a positive or for any negative in "
+              f"{strategy.file}; training on the other {len(train_set)}.")
+    batch_sampler = strategy.batch_sampler(train_set, encoder, cfg.batch_size, cfg.seed)
+    collator = GroupCollator(encoder.tokenizer if module.uses_towers else None,
+                             getattr(encoder, "query_max_length", None), getattr(encoder, "doc_max_length", None),
+                             module.pair_tokenizer)
+    datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, data_workers(cfg, strategy.uses_workers),
+                                     cfg.seed, batch_sampler)
+    return datamodule, dev_qrels

@@ -7,9 +7,9 @@ that contributes what its negatives take to a run, and declares what it provides
   ``vectors``: several; a strategy that names none works with any) and what its module must provide (``queue``);
   ``config.check_train_config`` matches them with the family and the module.
 - ``check(cfg, loss, module_class, family_class)``: its own settings, each refusal one sentence naming the key.
-- ``build_data`` (the training set, its dataset extras and batch sampler, the data module), ``callbacks``,
-  ``module`` (a partial of the LightningModule class), ``uses_workers`` (whether ``num_workers=auto`` may use
-  data-loader workers).
+- what it contributes to a run: ``dataset_extras`` and ``batch_sampler`` (read by
+  ``data.datamodule.build_datamodule``), ``callbacks``, ``module`` (a partial of the LightningModule class),
+  ``uses_workers`` (whether ``num_workers=auto`` may use data-loader workers).
 
 The base class is the strategy of a negatives file read as it is (``negatives.file``, DPR's BM25 negatives), or
 of in-batch negatives only when there is no file.
@@ -60,39 +60,6 @@ class NegativeStrategy:
 
     def callbacks(self, cfg, train_set) -> list:
         return []
-
-    def build_data(self, cfg, dataset, module):
-        """The training set the config asks for (pairs + these negatives), batched as ``module`` needs it; and the
-        dev qrels for validation."""
-        from hydra.utils import get_class, instantiate
-
-        from retrieval_lab.data.beir import carve_dev
-        from retrieval_lab.data.datamodule import GroupCollator, RetrievalDataModule, data_workers
-
-        encoder = module.encoder
-        carve = cfg.validation.enabled and not cfg.data.dev_split  # the dev queries come out of the training qrels
-        labels = get_class(cfg.pairs._target_).needs_qrels or self.file
-        train_qrels = dataset.qrels(cfg.data.train_split, reachable_only=True) if labels or carve else None
-        dev_qrels = None
-        extras = self.dataset_extras(dataset, train_qrels)
-        if module.loss is not None and "teacher" in module.loss.needs and "teacher" not in module.provides:
-            extras["teacher"] = True
-        if cfg.data.dev_split:
-            dev_qrels = dataset.qrels(cfg.data.dev_split)
-        elif carve:
-            train_qrels, dev_qrels = carve_dev(train_qrels, cfg.data.dev_fraction, cfg.data.split_seed)
-        train_set = instantiate(cfg.pairs)(dataset=dataset, qrels=train_qrels, group_size=self.group_size,
-                                           seed=cfg.seed, **extras)
-        if getattr(train_set, "skipped", 0):
-            print(f"{train_set.skipped} training queries have no teacher score for a positive or for any negative in "
-                  f"{self.file}; training on the other {len(train_set)}.")
-        batch_sampler = self.batch_sampler(train_set, encoder, cfg.batch_size, cfg.seed)
-        collator = GroupCollator(encoder.tokenizer if module.uses_towers else None,
-                                 getattr(encoder, "query_max_length", None), getattr(encoder, "doc_max_length", None),
-                                 module.pair_tokenizer)
-        datamodule = RetrievalDataModule(train_set, collator, cfg.batch_size, data_workers(cfg, self.uses_workers),
-                                         cfg.seed, batch_sampler)
-        return datamodule, dev_qrels
 
 
 def refuse(key: str, value, why: str) -> None:
