@@ -11,15 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
 from retrieval_lab.errors import ConfigError, warn
 from retrieval_lab.losses.infonce import InfoNCELoss
 from retrieval_lab.models.biencoder import BiEncoderModule
-from retrieval_lab.models.family import ModelFamily
 from retrieval_lab.models.encoder import (_from_pretrained, is_pooler, load_tokenizer, load_weights,
                                           refuse_longer_than_positions, refuse_new_weights, require_whole)
+from retrieval_lab.models.family import ModelFamily
 
 
 def require_trained_head(cross_encoder: "CrossEncoder", key: str) -> None:
