@@ -384,21 +384,33 @@ class Encoder(ModelFamily):
         max_length = self.query_max_length if side == "query" else self.doc_max_length
         return self.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
 
-    def _encode(self, model: nn.Module, inputs) -> torch.Tensor:
+    def token_vectors(self, model: nn.Module, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model``'s last hidden states of a tokenised batch (B x L x H) and its attention mask, a batch longer
+        than the model's positions refused in a sentence."""
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         refuse_longer_than_positions(model, self.name_or_path, {"model.query_max_length / model.doc_max_length":
                                                                 inputs["input_ids"].shape[1]}, tokens="batch")
-        hidden = model(**inputs).last_hidden_state
-        emb = pool(hidden, inputs["attention_mask"], self.pooling)
+        return model(**inputs).last_hidden_state, inputs["attention_mask"]
+
+    def finish(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The projection (when set) and L2 normalisation (when set) of pooled or token vectors."""
         if self.projection is not None:
-            emb = self.projection(emb)
-        return F.normalize(emb, dim=-1) if self.normalize else emb
+            vectors = self.projection(vectors)
+        return F.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    @property
+    def doc_tower(self) -> nn.Module:
+        return self.doc_model if self.doc_model is not None else self.query_model
+
+    def _encode(self, model: nn.Module, inputs) -> torch.Tensor:
+        hidden, mask = self.token_vectors(model, inputs)
+        return self.finish(pool(hidden, mask, self.pooling))
 
     def encode_queries(self, inputs) -> torch.Tensor:
         return self._encode(self.query_model, inputs)
 
     def encode_docs(self, inputs) -> torch.Tensor:
-        return self._encode(self.doc_model if self.doc_model is not None else self.query_model, inputs)
+        return self._encode(self.doc_tower, inputs)
 
     # ---- saving: plain Hugging Face folders that sentence-transformers also loads ----
     def save(self, folder: str | Path) -> Path:

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.scores import BLOCKS
-from retrieval_lab.models.encoder import (SAVED_SETTINGS, Encoder, read_saved_settings, refuse_longer_than_positions,
-                                          require_whole)
+from retrieval_lab.models.encoder import SAVED_SETTINGS, Encoder, read_saved_settings, require_whole
 from retrieval_lab.models.representation import MultiVector
 
 
@@ -47,15 +45,8 @@ class MEBERT(Encoder):
         self.vectors = vectors
 
     def encode_docs(self, inputs) -> MultiVector:
-        model = self.doc_model if self.doc_model is not None else self.query_model
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        refuse_longer_than_positions(model, self.name_or_path, {"model.doc_max_length": inputs["input_ids"].shape[1]},
-                                     tokens="batch")
-        hidden = model(**inputs).last_hidden_state[:, :self.vectors]
-        if self.projection is not None:
-            hidden = self.projection(hidden)
-        hidden = F.normalize(hidden, dim=-1) if self.normalize else hidden
-        return MultiVector(hidden, inputs["attention_mask"][:, :self.vectors].bool())
+        hidden, mask = self.token_vectors(self.doc_tower, inputs)
+        return MultiVector(self.finish(hidden[:, :self.vectors]), mask[:, :self.vectors].bool())
 
     def empty(self, count: int, side: str):
         if side == "query":
