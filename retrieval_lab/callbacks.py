@@ -34,14 +34,16 @@ class RetrievalValidation(L.Callback):
 
     def __init__(self, dev: BeirSplit, corpus_sample: int | None = None, every_n_epochs: int = 1,
                  batch_size: int = 128, k: int = 100, metrics=("ndcg@10", "recall@100", "mrr@10"), seed: int = 0,
-                 every_n_steps: int | None = None, index: str = "flat", ignore_identical_ids: bool = True):
+                 every_n_steps: int | None = None, index: str | None = None, ignore_identical_ids: bool = True,
+                 index_settings: dict | None = None):
         self.dev = BeirSplit(sample_corpus(dev, corpus_sample, seed), dev.queries, dev.qrels)
-        self.index = index
+        self.index, self.index_settings = index, index_settings
         self.every_n_epochs, self.batch_size, self.k, self.metrics = every_n_epochs, batch_size, k, tuple(metrics)
         self.every_n_steps, self.ignore_identical_ids = every_n_steps, ignore_identical_ids
 
     def validate(self, pl_module: L.LightningModule) -> dict:
-        retriever = pl_module.retriever(self.batch_size, self.index, progress=False, shard=True)  # DDP: corpus shared out
+        retriever = pl_module.retriever(self.batch_size, self.index, progress=False, shard=True,  # DDP: corpus shared out
+                                        index_settings=self.index_settings)
         run = retrieve_split(retriever, self.dev, self.k, self.ignore_identical_ids)
         return {f"val/{name}": value for name, value in evaluate_run(self.dev.qrels, run, self.metrics).items()}
 
@@ -209,6 +211,6 @@ def build_callbacks(cfg, run_dir: Path, dataset, dev_qrels, logging: bool = True
         callbacks.append(RetrievalValidation(dataset.subset(dev_qrels), cfg.validation.corpus_sample,
                                              cfg.validation.every_n_epochs, cfg.eval.batch_size,
                                              seed=cfg.data.split_seed, every_n_steps=cfg.validation.get("every_n_steps"),
-                                             index=cfg.eval.index,
+                                             index=cfg.eval.index, index_settings=cfg.eval.get("index_settings"),
                                              ignore_identical_ids=cfg.eval.ignore_identical_ids))
     return callbacks

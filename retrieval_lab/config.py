@@ -178,9 +178,7 @@ def check_train_config(cfg: DictConfig) -> None:
         every = cfg.validation.get("every_n_steps")
         require(cfg, "validation.every_n_steps", every is None or (isinstance(every, int) and every >= 1),
                 "must be 1 or more (or null).")
-    from retrieval_lab.retrieval.dense import check_index
-
-    check_index(cfg.eval.index, "eval.index")
+    get_class(cfg.model._target_).check_index(cfg.eval.index, cfg.eval.get("index_settings"), "eval.index")
     from retrieval_lab.retrieval.metrics import check_metrics
 
     check_metrics(cfg.eval.metrics)

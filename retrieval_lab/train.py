@@ -61,7 +61,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         write_json(run_dir / "run_info.json", hparams)
 
     def test_eval(name: str) -> dict:
-        retriever = module.retriever(cfg.eval.batch_size, cfg.eval.index, device="auto")
+        retriever = module.retriever(cfg.eval.batch_size, cfg.eval.index, device="auto",
+                                     index_settings=cfg.eval.get("index_settings"))
         return evaluate_retriever(retriever, test, run_dir / name / "run.trec", cfg.eval.k, list(cfg.eval.metrics),
                                   tag=name, ignore_identical_ids=cfg.eval.ignore_identical_ids)
 

@@ -58,11 +58,11 @@ class BiEncoderModule(L.LightningModule):
     families = REPRESENTATIONS - {"pairs"}  # bi-encoders: every family but the cross-encoder
     option = None
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
-                  shard: bool = False):
+    def retriever(self, batch_size: int = 128, index: str | None = None, device: str | None = None,
+                  progress: bool = True, shard: bool = False, index_settings: dict | None = None):
         """What validation and the test evaluation retrieve with: the model family's (``shard``: under DDP, each
         process encodes a share of the corpus)."""
-        return self.encoder.retriever(batch_size, index, device, progress, shard=shard)
+        return self.encoder.retriever(batch_size, index, device, progress, shard=shard, index_settings=index_settings)
 
     # ---- a training step = towers (inputs that carry gradient, and how each is embedded) + a loss on them ----
     def towers(self, batch: dict) -> list[tuple]:

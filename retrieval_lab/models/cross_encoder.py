@@ -84,9 +84,9 @@ class CrossEncoder(ModelFamily):
         groups = q.view(-1, group_size).float()
         return groups if rows is None else groups[rows]
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
-                  shard: bool = False, depth: int = 100):
-        """Re-rank BM25's top ``depth`` (whole on every process: ``shard`` and ``index`` are ignored)."""
+    def retriever(self, batch_size: int = 128, index: str | None = None, device: str | None = None,
+                  progress: bool = True, shard: bool = False, index_settings: dict | None = None, depth: int = 100):
+        """Re-rank BM25's top ``depth`` (whole on every process: ``shard`` and the index are ignored)."""
         from retrieval_lab.retrieval.bm25 import BM25Retriever
         from retrieval_lab.retrieval.rerank import Reranker
 
@@ -148,8 +148,8 @@ class CrossEncoderModule(BiEncoderModule):
     def pair_tokenizer(self):
         return self.encoder.tokenizer, self.encoder.max_length
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
-                  shard: bool = False):
+    def retriever(self, batch_size: int = 128, index: str | None = None, device: str | None = None,
+                  progress: bool = True, shard: bool = False, index_settings: dict | None = None):
         """Validation and test evaluation re-rank BM25's top ``rerank_depth``."""
         return self.encoder.retriever(batch_size, index, device, progress, shard, depth=self.rerank_depth)
 

@@ -9,6 +9,8 @@ indexed and searched with them. Every part of training and retrieval goes throug
 - ``build_index(docs, index, device)``: an index over encoded documents whose ``search(queries, k)`` returns
   (scores, document rows), each Q x k; ``retriever(...)``: what validation and test evaluation retrieve with.
 - ``empty(count, side)``: room for ``count`` encoded texts, which ``encoding.encode_texts`` fills.
+- ``indexes``: the index kinds ``build_index`` takes (the first is the default, which ``index=None`` means), and
+  ``check_index(index, settings)``, which refuses another kind or a setting the kind lacks in a sentence.
 - Declarations: ``doc_representation`` (one of ``REPRESENTATIONS``: "vector", one vector per document, which a
   MoCo queue needs; "vectors"; "sparse"; "pairs", scored jointly with the query) and ``blocks``, the score
   blocks the family can compute.
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.scores import BLOCKS, FalseNegatives, Scores, anchor_rows
 
 REPRESENTATIONS = frozenset({"vector", "vectors", "sparse", "pairs"})  # what a family's documents become
@@ -30,6 +33,23 @@ REPRESENTATIONS = frozenset({"vector", "vectors", "sparse", "pairs"})  # what a 
 class ModelFamily(nn.Module):
     doc_representation = "vector"
     blocks = frozenset(BLOCKS)
+    indexes = ("flat", "hnsw", "torch")  # exact inner product (faiss) | approximate (faiss HNSW) | exact (torch)
+    index_settings: dict[str, tuple] = {}  # index kind -> the settings build_index takes for it
+
+    @classmethod
+    def check_index(cls, index: str | None, settings=None, key: str = "retriever.index") -> str:
+        """The index kind ``index`` names (None: the family's default), refused in a sentence naming ``key`` when
+        the family has no such kind or ``settings`` holds a key the kind does not take."""
+        index = cls.indexes[0] if index is None else index
+        if index not in cls.indexes:
+            names = ", ".join(f"'{name}'" for name in cls.indexes[:-1]) + f" or '{cls.indexes[-1]}'"
+            raise ConfigError(f"{key} must be {names} for a {cls.__name__} model, got '{index}'.")
+        unknown = sorted(set(settings or {}) - set(cls.index_settings.get(index, ())))
+        if unknown:
+            takes = ", ".join(cls.index_settings.get(index, ())) or "no settings"
+            raise ConfigError(f"{key}_settings.{unknown[0]} is not a setting of the '{index}' index of a "
+                              f"{cls.__name__} model (it takes {takes}).")
+        return index
 
     def encode_queries(self, inputs):
         raise NotImplementedError
@@ -76,20 +96,20 @@ class ModelFamily(nn.Module):
             out.doc_query = self.score(positives[rows], q)
         return out
 
-    def build_index(self, docs, index: str = "flat", device=None):
+    def build_index(self, docs, index: str | None = None, device=None, **settings):
         """An index over the encoded documents ``docs`` (N x D, float32): exact inner product (``flat``, faiss),
         approximate (``hnsw``) or exact with torch on ``device`` (``torch``)."""
         from retrieval_lab.retrieval.dense import build_index
 
-        return build_index(docs, index, device)
+        return build_index(docs, self.check_index(index, settings), device)
 
-    def retriever(self, batch_size: int = 128, index: str = "flat", device: str | None = None, progress: bool = True,
-                  shard: bool = False):
+    def retriever(self, batch_size: int = 128, index: str | None = None, device: str | None = None,
+                  progress: bool = True, shard: bool = False, index_settings: dict | None = None):
         """What validation and test evaluation retrieve with: the corpus encoded and indexed by this family
         (``shard``: under DDP, each process encodes a share of the corpus)."""
         from retrieval_lab.retrieval.dense import DenseRetriever
 
-        return DenseRetriever(self, batch_size, index, device, progress, shard=shard)
+        return DenseRetriever(self, batch_size, index, device, progress, shard=shard, index_settings=index_settings)
 
 
 def loss_on_vectors(loss, q, d, group_size: int = 1, mask=None, queue=None, queue_mask=None, teacher=None,

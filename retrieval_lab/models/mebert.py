@@ -79,11 +79,11 @@ class MEBERT(Encoder):
         mask = mask if rows is None else mask[rows.to(mask.device)]
         return each.view(-1, group_size, m).masked_fill(~mask.to(each.device), float("-inf")).amax(-1)
 
-    def build_index(self, docs: MultiVector, index: str = "flat", device=None):
+    def build_index(self, docs: MultiVector, index: str | None = None, device=None, **settings):
         real = docs.mask.reshape(-1)
         owner = np.repeat(np.arange(len(docs)), docs.vectors.shape[1])[real]
         vectors = docs.vectors.reshape(-1, docs.vectors.shape[2])[real]
-        return BestVectorIndex(super().build_index(vectors, index, device), owner, len(docs))
+        return BestVectorIndex(super().build_index(vectors, index, device, **settings), owner, len(docs))
 
     def save(self, folder: str | Path) -> Path:
         """The bi-encoder's folder, with m recorded in ``retrieval_lab.json`` (``model=mebert`` loads it back with

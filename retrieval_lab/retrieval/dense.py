@@ -1,5 +1,5 @@
 """Dense retrieval: embed the corpus and the queries (``encoding.encode_texts``), then search the model family's
-index (``ModelFamily.build_index``: faiss, or torch on the GPU)."""
+index (``ModelFamily.build_index``: for one vector per text, faiss or torch on the GPU; token vectors, MaxSim)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import torch
 
 from retrieval_lab.data.beir import Document
 from retrieval_lab.distributed import distributed_rank_world, fail_together, gather_shards
-from retrieval_lab.errors import ConfigError, UserError
+from retrieval_lab.errors import UserError
 from retrieval_lab.models import representation
 from retrieval_lab.retrieval.encoding import encode_texts, pick_device
 from retrieval_lab.tokenization import PROCESSES, worker_plan
@@ -44,20 +44,10 @@ def refuse_non_finite(values, names: list[str], what: str) -> None:
                         f"wider precision (float32).")
 
 
-INDEXES = ("flat", "hnsw", "torch")
-
-
-def check_index(index: str, key: str = "retriever.index") -> str:
-    if index not in INDEXES:
-        names = ", ".join(f"'{name}'" for name in INDEXES[:-1]) + f" or '{INDEXES[-1]}'"
-        raise ConfigError(f"{key} must be {names}, got '{index}'.")
-    return index
-
-
 def build_index(embeddings: np.ndarray, index: str = "flat", device: str | torch.device | None = None):
     """``flat``: exact inner product (faiss); ``hnsw``: approximate (faiss HNSW graph, 32 links) for large corpora;
     ``torch``: exact inner product with torch on ``device`` (the GPU, when the encoder is there)."""
-    if check_index(index) == "torch":
+    if index == "torch":
         return TorchIndex(embeddings, device)
     import faiss
 
@@ -77,11 +67,13 @@ class DenseRetriever:
     corpus and the shares are all-gathered (over ``group``; None: the default group), so every process must call
     :meth:`retrieve` at the same time; where one fails to encode its share, all raise (:func:`fail_together`)."""
 
-    def __init__(self, encoder, batch_size: int = 128, index: str = "flat", device: str | None = None,
+    def __init__(self, encoder, batch_size: int = 128, index: str | None = None, device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
-                 compile: bool | str = False, group=None, tokenize_processes: int | str = "auto"):
+                 compile: bool | str = False, group=None, tokenize_processes: int | str = "auto",
+                 index_settings: dict | None = None):
         self.encoder, self.batch_size, self.progress = encoder, batch_size, progress
-        self.index = check_index(index)  # now, not after the corpus is encoded
+        self.index_settings = dict(index_settings or {})
+        self.index = encoder.check_index(index, self.index_settings)  # now, not after the corpus is encoded
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         self.group, self.tokenize_processes = group, tokenize_processes
         device = pick_device(device)
@@ -113,8 +105,9 @@ class DenseRetriever:
             doc_ids = [d for r in range(world) for d in doc_ids[r::world]]
         with fail_together(self.group, world > 1):
             query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
-            refuse_non_finite(query_emb, qids, "query embeddings")
-            index = self.encoder.build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device)
+            refuse_non_finite(representation.values(query_emb), qids, "query embeddings")
+            index = self.encoder.build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device,
+                                             **self.index_settings)
             scores, ids = index.search(query_emb, min(k, len(doc_ids)))
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}
