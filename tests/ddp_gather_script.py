@@ -1,6 +1,6 @@
 """Run by tests/test_ddp.py: three bi-encoder steps on 2 CPU processes (gloo) with gathered negatives; each rank
 saves, for each step, the weights it starts from, its examples, its loss and its (DDP-averaged) gradients. Arguments: ... chunk (0: no gradient caching),
-towers (shared | separate)."""
+towers (shared | separate), family (encoder | colbert)."""
 import sys
 
 import lightning as L
@@ -12,9 +12,10 @@ from retrieval_lab.data.negatives import read_negatives
 from retrieval_lab.data.pairs import SupervisedPairs
 from retrieval_lab.losses.samtone import SamToNeLoss
 from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.colbert import ColBERT
 from retrieval_lab.models.encoder import Encoder
 
-model_dir, data_dir, negatives_file, out_dir, chunk, towers = sys.argv[1:7]
+model_dir, data_dir, negatives_file, out_dir, chunk, towers, family = sys.argv[1:8]
 
 
 class Recording(BiEncoderModule):
@@ -33,7 +34,8 @@ class Recording(BiEncoderModule):
 
 
 L.seed_everything(0)
-encoder = Encoder(model_dir, query_max_length=16, doc_max_length=32, shared_towers=towers == "shared")
+encoder = {"encoder": Encoder, "colbert": ColBERT}[family](model_dir, query_max_length=16, doc_max_length=32,
+                                                           shared_towers=towers == "shared")
 for m in encoder.modules():
     if isinstance(m, torch.nn.Dropout):
         m.p = 0.0  # the single-process reference draws no dropout either

@@ -17,6 +17,7 @@ from retrieval_lab.data.beir import BeirDataset
 from retrieval_lab.data.datamodule import GroupCollator
 from retrieval_lab.losses.samtone import SamToNeLoss
 from retrieval_lab.models.biencoder import BiEncoderModule
+from retrieval_lab.models.colbert import ColBERT
 from retrieval_lab.models.encoder import Encoder
 
 
@@ -55,17 +56,20 @@ def test_tas_batches_follow_the_first_processs_clusters(tiny_model, beir_folder,
     assert [ranks[number % 2]["qids"][number // 2] for number in range(8)] == single[:8]
 
 
-@pytest.mark.parametrize("chunk,towers", [(0, "shared"), (2, "shared"), (2, "separate")])
-def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, tiny_model, beir_folder, bm25_negatives,
-                                                           tmp_path):
+@pytest.mark.parametrize("chunk,towers,family", [(0, "shared", "encoder"), (2, "shared", "encoder"),
+                                                 (2, "separate", "encoder"), (2, "shared", "colbert")])
+def test_gathered_negatives_equal_the_single_process_batch(chunk, towers, family, tiny_model, beir_folder,
+                                                           bm25_negatives, tmp_path):
     """Two processes with 3 queries each, scoring against each other's documents (SamToNe, both sides,
     bidirectional: every cross-process interaction counts), each taking its own queries' terms (the mean of their
     losses) give the loss and gradients of one process on the 6 queries, at each of 3 steps; with gradient caching (chunk 2) too, whose backward of a query chunk leaves the
-    document tower without gradient when the towers are separate."""
-    run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk, towers)
+    document tower without gradient when the towers are separate; and for ColBERT, whose token vectors are
+    gathered padded to the longest document of either process."""
+    run_script("ddp_gather_script.py", tiny_model, beir_folder, bm25_negatives, tmp_path, chunk, towers, family)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 3
-    encoder = Encoder(tiny_model, query_max_length=16, doc_max_length=32, shared_towers=towers == "shared")
+    encoder = {"encoder": Encoder, "colbert": ColBERT}[family](tiny_model, query_max_length=16, doc_max_length=32,
+                                                               shared_towers=towers == "shared")
     for m in encoder.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0

@@ -75,7 +75,7 @@ def check_temperature(temperature: float) -> float:
 
 def anchor_rows(q: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """The indices of the anchor queries (all B when ``rows`` is None)."""
-    return torch.arange(q.size(0), device=q.device) if rows is None else rows.to(q.device)
+    return torch.arange(len(q), device=q.device) if rows is None else rows.to(q.device)
 
 
 BLOCKS = {  # the score blocks a family computes and a loss may declare, each with what it holds

@@ -68,7 +68,7 @@ class ColBERT(Encoder):
                       "plaid": ("nbits", "centroids", "ncells", "centroid_threshold", "ndocs", "kmeans_iterations",
                                 "sample", "seed")}
 
-    def __init__(self, projection_dim: int | None = None, query_max_length: int | None = None,
+    def __init__(self, name_or_path: str = "packaged:minilm", projection_dim: int | None = None, query_max_length: int | None = None,
                  doc_max_length: int | None = None, query_marker: str | None = None, doc_marker: str | None = None,
                  augment: bool | None = None, attend_to_expansion: bool | None = None,
                  skip_punctuation: bool | None = None, **settings):
@@ -81,9 +81,9 @@ class ColBERT(Encoder):
                  "attend_to_expansion": attend_to_expansion, "skip_punctuation": skip_punctuation}
         for key in ("augment", "attend_to_expansion", "skip_punctuation"):
             require_bool(f"model.{key}", given[key], nullable=True)
-        saved = read_saved_settings(settings.get("name_or_path", "packaged:minilm")) or {}
+        saved = read_saved_settings(name_or_path) or {}
         if saved and "colbert" not in saved:
-            raise ConfigError(f"{settings['name_or_path']} was saved as another model family than ColBERT (its "
+            raise ConfigError(f"{name_or_path} was saved as another model family than ColBERT (its "
                               f"{SAVED_SETTINGS} has no 'colbert' settings); load it with the model it was trained as.")
         if not saved:
             projection_dim = 128 if projection_dim is None else projection_dim
@@ -91,7 +91,7 @@ class ColBERT(Encoder):
             doc_max_length = 180 if doc_max_length is None else doc_max_length
         chosen = {key: saved.get("colbert", {}).get(key) if given[key] is None else given[key] for key in SETTINGS}
         chosen = {key: COLBERT_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
-        super().__init__(projection_dim=projection_dim, query_max_length=query_max_length,
+        super().__init__(name_or_path, projection_dim=projection_dim, query_max_length=query_max_length,
                          doc_max_length=doc_max_length, **settings)
         for key, value in chosen.items():
             setattr(self, key, value)

@@ -94,11 +94,20 @@ def gather(module, rep) -> "torch.Tensor | MultiVector":
     """Every process's ``rep``, in rank order, gradients flowing back to their owners (``module``: a
     LightningModule, whose ``all_gather`` is used). Multi-vector rows are padded to the longest of any process."""
     if not isinstance(rep, MultiVector):
-        return module.all_gather(rep, sync_grads=True).flatten(0, 1)
+        return _gathered(module, rep)
     length = int(module.all_gather(torch.tensor(rep.vectors.shape[1], device=rep.device)).max())
     rep = rep.padded(length)
-    return MultiVector(module.all_gather(rep.vectors, sync_grads=True).flatten(0, 1),
-                       module.all_gather(rep.mask).flatten(0, 1))
+    return MultiVector(_gathered(module, rep.vectors), module.all_gather(rep.mask).flatten(0, 1))
+
+
+def _gathered(module, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` of every process, stacked by rank and flattened; its gradient is made contiguous before the
+    gather's backward sends each process its share (gloo's scatter sends a non-contiguous gradient, such as
+    einsum's, in the wrong order)."""
+    out = module.all_gather(tensor, sync_grads=True)
+    if out.requires_grad:
+        out.register_hook(torch.Tensor.contiguous)
+    return out.flatten(0, 1)
 
 
 def to_numpy(rep):
