@@ -34,6 +34,7 @@ import torch
 from retrieval_lab.errors import ConfigError
 from retrieval_lab.losses.scores import anchor_rows
 from retrieval_lab.models.encoder import SAVED_SETTINGS, Encoder, read_saved_settings, require_bool
+from retrieval_lab.models.pylate_folder import write_pylate_files
 from retrieval_lab.models.representation import MultiVector
 
 SETTINGS = ("query_marker", "doc_marker", "augment", "attend_to_expansion", "skip_punctuation")
@@ -179,9 +180,12 @@ class ColBERT(Encoder):
     # ---- saving ----
     def save(self, folder: str | Path) -> Path:
         """The bi-encoder's folder, with ColBERT's settings recorded in ``retrieval_lab.json`` (``model=colbert``
-        loads it back as it was trained)."""
+        loads it back as it was trained) and, for shared towers, the files PyLate reads
+        (:mod:`retrieval_lab.models.pylate_folder`: ``pylate.models.ColBERT(folder)`` is the same model)."""
         folder = super().save(folder)
         settings = json.loads((folder / SAVED_SETTINGS).read_text())
         settings["colbert"] = {key: getattr(self, key) for key in SETTINGS}
         (folder / SAVED_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n")
+        if self.doc_model is None:  # PyLate holds one encoder for both sides
+            write_pylate_files(folder, self)
         return folder
