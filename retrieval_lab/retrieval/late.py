@@ -199,9 +199,9 @@ class PLAIDIndex:
     Settings (PLAID's for k around 100 where it has one): ``nbits`` 1 or 2 (2); ``centroids`` (None: ColBERTv2's
     2^floor(log2(16 sqrt(tokens)))); ``ncells`` centroids per query token (4: PLAID uses 2 for k=100, 4 for
     k=1000); ``centroid_threshold`` (0.45, PLAID's for k=100); ``ndocs`` documents ranked exactly (None:
-    max(1024, 4k), PLAID's 1024 for k=100 and about 4k above; never fewer than k); ``kmeans_iterations`` (4, ColBERTv2's);
-    ``sample`` token vectors for k-means (None: ColBERTv2's, the tokens of 1 + 16 sqrt(tokens) documents);
-    ``seed`` of the sample and of k-means (0)."""
+    max(1024, 4k), PLAID's 1024 for k=100 and about 4k above; never fewer than k); ``kmeans_iterations`` (4,
+    ColBERTv2's); ``sample`` token vectors for k-means (None: ColBERTv2's, the tokens of 1 + 16 sqrt(tokens)
+    documents); ``seed`` of the sample and of k-means (0). Queries are searched one at a time."""
 
     def __init__(self, docs: MultiVector, device=None, nbits: int = 2, centroids: int | None = None, ncells: int = 4,
                  centroid_threshold: float = 0.45, ndocs: int | None = None, kmeans_iterations: int = 4,
