@@ -47,3 +47,14 @@ def test_the_cached_gradient_product_ignores_padding():
     room = MultiVector(np.zeros((3, 4, 3), np.float32), np.ones((3, 4), bool))
     room[np.array([2, 0])] = representation.to_numpy(multi(2, 2, [2, 1]))
     assert room.mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+def test_pooled_is_the_mean_of_each_texts_real_vectors():
+    vectors = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    mask = np.array([[True, False, True], [False, True, False]])
+    expected = np.stack([(vectors[0, 0] + vectors[0, 2]) / 2, vectors[1, 1]])
+    assert np.allclose(representation.pooled(MultiVector(vectors, mask)), expected)
+    assert torch.allclose(representation.pooled(MultiVector(torch.from_numpy(vectors), torch.from_numpy(mask))),
+                          torch.from_numpy(expected))
+    single = torch.randn(2, 4)
+    assert representation.pooled(single) is single

@@ -110,6 +110,16 @@ def _gathered(module, tensor: torch.Tensor) -> torch.Tensor:
     return out.flatten(0, 1)
 
 
+def pooled(rep):
+    """One vector per text: ``rep`` itself, or each multi-vector text's mean real vector (numpy or torch)."""
+    if not isinstance(rep, MultiVector):
+        return rep
+    weights = rep.mask[..., None].astype(np.float32) if isinstance(rep.mask, np.ndarray) else rep.mask[..., None].float()
+    total = (rep.vectors * weights).sum(1)
+    count = weights.sum(1)
+    return total / (np.maximum(count, 1) if isinstance(count, np.ndarray) else count.clamp(min=1))
+
+
 def to_numpy(rep):
     """``rep`` on the CPU as float32 numpy arrays (the form an index is built from)."""
     if isinstance(rep, MultiVector):

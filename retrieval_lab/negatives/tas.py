@@ -12,7 +12,7 @@ from retrieval_lab.negatives.mined import MinedFile
 
 class Tas(MinedFile):
     option = "tas"
-    needs = frozenset({"vector", "vectors"})  # k-means over query embeddings (one vector per query in both)
+    needs = frozenset({"vector", "vectors"})  # k-means over query embeddings (several vectors per query: their mean)
     why = {"vector": "TAS clustering needs a bi-encoder's embeddings."}
 
     def __init__(self, group_size: int = 2, file: str | None = None, clusters: int = 8, clusters_per_batch: int = 2,
@@ -32,10 +32,12 @@ class Tas(MinedFile):
         import numpy as np
 
         from retrieval_lab.data.sampling import ClusterBatchSampler, cluster_embeddings, share_of
+        from retrieval_lab.models import representation
         from retrieval_lab.retrieval.encoding import encode_texts
 
         texts = [train_set.dataset.queries[q] for q in train_set.qids]
-        embeddings = encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters")
+        # several vectors per query (ColBERT's tokens, a Poly-encoder's codes): their mean
+        embeddings = representation.pooled(encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters"))
         labels = cluster_embeddings(embeddings, self.clusters, seed,
                                     min_size=share_of(batch_size, self.clusters_per_batch))
         sizes = np.bincount(labels)
