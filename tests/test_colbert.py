@@ -88,7 +88,8 @@ def test_every_score_block_is_maxsim_of_its_texts(colbert):
         positives = d[torch.arange(4) * 3]
 
         def pair(a: MultiVector, i: int, b: MultiVector, j: int) -> float:  # one pair, by a loop over vectors
-            return sum(max(float(a.vectors[i, x] @ b.vectors[j, y]) for y in range(b.vectors.shape[1]) if b.mask[j, y])
+            width = b.vectors.shape[1]
+            return sum(max(float(a.vectors[i, x] @ b.vectors[j, y]) for y in range(width) if b.mask[j, y])
                        for x in range(a.vectors.shape[1]) if a.mask[i, x])
 
         for r, i in enumerate(rows.tolist()):

@@ -69,10 +69,10 @@ class ColBERT(Encoder):
                       "plaid": ("nbits", "centroids", "ncells", "centroid_threshold", "ndocs", "kmeans_iterations",
                                 "sample", "seed")}
 
-    def __init__(self, name_or_path: str = "packaged:minilm", projection_dim: int | None = None, query_max_length: int | None = None,
-                 doc_max_length: int | None = None, query_marker: str | None = None, doc_marker: str | None = None,
-                 augment: bool | None = None, attend_to_expansion: bool | None = None,
-                 skip_punctuation: bool | None = None, **settings):
+    def __init__(self, name_or_path: str = "packaged:minilm", projection_dim: int | None = None,
+                 query_max_length: int | None = None, doc_max_length: int | None = None,
+                 query_marker: str | None = None, doc_marker: str | None = None, augment: bool | None = None,
+                 attend_to_expansion: bool | None = None, skip_punctuation: bool | None = None, **settings):
         """``query_marker`` / ``doc_marker``: tokens of the tokenizer's vocabulary; ``augment``,
         ``attend_to_expansion``, ``skip_punctuation``: booleans (see the module docstring); None: a saved folder's
         value, else ``COLBERT_DEFAULTS``'s. ``projection_dim``, ``query_max_length`` and ``doc_max_length``: None is a

@@ -114,10 +114,11 @@ def pooled(rep):
     """One vector per text: ``rep`` itself, or each multi-vector text's mean real vector (numpy or torch)."""
     if not isinstance(rep, MultiVector):
         return rep
-    weights = rep.mask[..., None].astype(np.float32) if isinstance(rep.mask, np.ndarray) else rep.mask[..., None].float()
-    total = (rep.vectors * weights).sum(1)
-    count = weights.sum(1)
-    return total / (np.maximum(count, 1) if isinstance(count, np.ndarray) else count.clamp(min=1))
+    if isinstance(rep.mask, np.ndarray):
+        weights = rep.mask[..., None].astype(np.float32)
+        return (rep.vectors * weights).sum(1) / np.maximum(weights.sum(1), 1)
+    weights = rep.mask[..., None].to(rep.vectors.dtype)
+    return (rep.vectors * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def to_numpy(rep):
