@@ -198,18 +198,22 @@ def test_first_process_is_known_from_the_launchers_environment(env, first, monke
     assert is_first_process() is first
 
 
-def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(tiny_model, beir_folder, tmp_path):
+@pytest.mark.parametrize("family", ["encoder", "colbert"])
+def test_validation_retrieval_shares_the_corpus_out_and_ranks_like_one_process(family, tiny_model, beir_folder,
+                                                                                 tmp_path):
     """Under DDP each process encodes half of the corpus and the halves are all-gathered: every process gets the
-    ranking (documents and scores) of one process encoding everything."""
+    ranking (documents and scores) of one process encoding everything (ColBERT: token vectors and masks, padded)."""
     import json
 
     from retrieval_lab.data.beir import BeirDataset
     from retrieval_lab.retrieval.dense import DenseRetriever
 
-    run_script("ddp_retrieval_script.py", tiny_model, beir_folder, tmp_path, free_port())
+    run_script("ddp_retrieval_script.py", tiny_model, beir_folder, tmp_path, free_port(), family)
     split = BeirDataset(beir_folder).split("test")
     corpus = dict(list(split.corpus.items())[:59])
-    expected = DenseRetriever(Encoder(tiny_model), batch_size=8, progress=False, shard=True).retrieve(
+    torch.manual_seed(0)  # as the script: ColBERT's projection starts at random
+    model = Encoder(tiny_model) if family == "encoder" else ColBERT(tiny_model, doc_max_length=32)
+    expected = DenseRetriever(model, batch_size=8, progress=False, shard=True).retrieve(
         corpus, split.queries, 10)  # no process group: the whole corpus here
     for rank, share in ((0, 30), (1, 29)):
         saved = json.loads((tmp_path / f"rank{rank}.json").read_text())
