@@ -302,7 +302,7 @@ def cases(folder: Path, work: Path, model: Path):
         lambda: Encoder(str(copy_model(model, bad, change=lambda f: (f / "config.json").write_text(
             (f / "config.json").read_text().replace('"model_type": "bert"', '"model_type": "no_such_type"')))))
     yield "re-ranking with an untrained score head", lambda: None, \
-        lambda: require_trained_head(CrossEncoder(str(model), max_length=16), "reranker.cross_encoder.name_or_path")
+        lambda: require_trained_head(CrossEncoder(str(model), max_length=16), "reranker.model.name_or_path")
     yield ("score: a teacher without a trained score head, an earlier scores file at the output path",
            edit(neg, good_neg + "\n"),
            lambda: score(compose_named("score", [f"data.path={folder}", f"input={neg}", f"output={out}",

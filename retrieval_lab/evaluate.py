@@ -1,5 +1,5 @@
 """Evaluate a retriever on a BEIR split: `python -m retrieval_lab.evaluate [model.name_or_path=...] [retriever=bm25]
-[reranker=cross_encoder reranker.cross_encoder.name_or_path=...]`.
+[reranker=cross_encoder reranker.model.name_or_path=...]`.
 
 Writes ``run.trec`` and ``metrics.json`` into the run directory and prints the metrics.
 """
@@ -50,10 +50,11 @@ def evaluate(cfg: DictConfig) -> dict:
     if isinstance(retriever, HybridRetriever) and retriever.method == "linear" and retriever.alpha is None:
         retriever.dev = dev_split(dataset, cfg)
     if cfg.get("reranker"):
-        from retrieval_lab.models.cross_encoder import require_trained_head
+        from retrieval_lab.models.cross_encoder import CrossEncoder, require_trained_head
 
         retriever = instantiate(cfg.reranker)(first_stage=retriever)
-        require_trained_head(retriever.cross_encoder, "reranker.cross_encoder.name_or_path")
+        if isinstance(retriever.model, CrossEncoder):
+            require_trained_head(retriever.model, "reranker.model.name_or_path")
         name = f"{name}+{Path(cfg.reranker._target_).suffix.lstrip('.')}"
     scores = evaluate_retriever(retriever, split, run_dir / "run.trec", cfg.k, list(cfg.metrics), tag=name,
                                 ignore_identical_ids=cfg.ignore_identical_ids)
@@ -62,7 +63,7 @@ def evaluate(cfg: DictConfig) -> dict:
     write_json(run_dir / "metrics.json", {"data": cfg.data.name, "split": cfg.split, "retriever": name,
                                           "model": OmegaConf.select(cfg, "retriever.encoder.name_or_path")  # dense
                                           or OmegaConf.select(cfg, "retriever.dense.encoder.name_or_path"),  # hybrid
-                                          "reranker": OmegaConf.select(cfg, "reranker.cross_encoder.name_or_path"),
+                                          "reranker": OmegaConf.select(cfg, "reranker.model.name_or_path"),
                                           "metrics": scores, **extra, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
     print(f"run file and metrics.json in {run_dir}")

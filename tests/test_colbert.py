@@ -164,3 +164,22 @@ def test_moco_is_refused_and_samtone_trains(tiny_model, beir_folder, bm25_negati
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and 0 < metrics["after"]["ndcg@10"] <= 1
     assert ColBERT(str(tmp_path / "run" / "model")).doc_max_length == 32
+
+
+def test_reranking_a_first_stage_gives_maxsim_scores(colbert, beir_folder):
+    """``reranker=model``: any family re-scores a first stage's candidates (``score_texts``): re-ranking every
+    document gives exact search's run."""
+    from retrieval_lab.retrieval.rerank import Reranker
+
+    test = BeirDataset(beir_folder).split("test")
+
+    class Everything:  # a first stage that returns the whole corpus in corpus order
+        def retrieve(self, corpus, queries, k):
+            return {q: {d: -float(i) for i, d in enumerate(corpus)} for q in queries}
+
+    reranked = Reranker(Everything(), colbert, depth=len(test.corpus), device="cpu", progress=False).retrieve(
+        test.corpus, test.queries, k=10)
+    exact = DenseRetriever(colbert, batch_size=8, progress=False).retrieve(test.corpus, test.queries, k=10)
+    for qid in test.queries:
+        assert list(reranked[qid]) == list(exact[qid])
+        assert list(reranked[qid].values()) == pytest.approx(list(exact[qid].values()), abs=1e-4)

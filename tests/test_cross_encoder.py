@@ -36,7 +36,7 @@ def compose_train(overrides):
 class LengthTeacher:
     """A stand-in cross-encoder whose score is known in advance: the number of query words found in the doc."""
 
-    def score(self, queries, docs, batch_size=64, device=None, progress=True):
+    def score_texts(self, queries, docs, batch_size=64, device=None, progress=True):
         return [float(sum(w in d.split() for w in q.split())) for q, d in zip(queries, docs)]
 
 
@@ -49,10 +49,10 @@ def saved_cross_encoder(tiny_model, tmp_path_factory):
 def test_cross_encoder_scores_pairs_in_input_order_and_reloads(saved_cross_encoder):
     ce = CrossEncoder(saved_cross_encoder, max_length=64)
     queries, docs = ["protein cancer", "virus", "gene cell brain"], ["a protein study", "virus gene heart", "x"]
-    one_by_one = [ce.score([q], [d], batch_size=1, progress=False)[0] for q, d in zip(queries, docs)]
-    batched = ce.score(queries, docs, batch_size=2, progress=False)
+    one_by_one = [ce.score_texts([q], [d], batch_size=1, progress=False)[0] for q, d in zip(queries, docs)]
+    batched = ce.score_texts(queries, docs, batch_size=2, progress=False)
     assert batched == pytest.approx(one_by_one, abs=1e-5)
-    reloaded = CrossEncoder(saved_cross_encoder, max_length=64).score(queries, docs, progress=False)
+    reloaded = CrossEncoder(saved_cross_encoder, max_length=64).score_texts(queries, docs, progress=False)
     assert reloaded == pytest.approx(batched, abs=1e-6)
     from transformers import AutoModelForSequenceClassification  # a plain Hugging Face folder
 
@@ -92,7 +92,7 @@ def test_score_cli_writes_cross_encoder_scores(saved_cross_encoder, bm25_negativ
     r = scored[qid]
     assert (r.pos, r.neg) == (source[qid].pos, source[qid].neg) and set(r.scores) == set(r.pos + r.neg)
     docs = r.pos + r.neg
-    expected = CrossEncoder(saved_cross_encoder, max_length=64).score([dataset.queries[qid]] * len(docs),
+    expected = CrossEncoder(saved_cross_encoder, max_length=64).score_texts([dataset.queries[qid]] * len(docs),
                                                                       [dataset.corpus[d].full_text for d in docs])
     assert [r.scores[d] for d in docs] == pytest.approx(expected, abs=1e-5)
     same = run_module("retrieval_lab.score", "data=beir", f"data.path={beir_folder}", f"input={out}", f"output={out}",
@@ -146,7 +146,7 @@ def test_cross_encoder_trains_and_reranks_through_the_cli(bm25_negatives, tiny_m
     assert metrics["steps"] == 36 // 4 and 0 <= metrics["after"]["ndcg@10"] <= 1
     assert "val/ndcg@10" in (tmp_path / "csv" / "metrics.csv").read_text()
     rerank = run_module("retrieval_lab.evaluate", "retriever=bm25", "reranker=cross_encoder",
-                        f"reranker.cross_encoder.name_or_path={tmp_path / 'model'}", "reranker.cross_encoder.max_length=64",
+                        f"reranker.model.name_or_path={tmp_path / 'model'}", "reranker.model.max_length=64",
                         "reranker.depth=10", "data=beir", f"data.path={beir_folder}", f"hydra.run.dir={tmp_path / 'ev'}")
     assert rerank.returncode == 0, rerank.stderr[-3000:]
     reranked = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
@@ -222,4 +222,4 @@ def test_rerank_without_a_cross_encoder_names_the_key(beir_folder, tmp_path):
                         f"data.path={beir_folder}", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: config key reranker.cross_encoder.name_or_path must be set")
+        "error: config key reranker.model.name_or_path must be set")

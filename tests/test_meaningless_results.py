@@ -123,7 +123,7 @@ def test_outputs_hold_no_number_other_readers_refuse(tmp_path):
 
 
 @pytest.mark.parametrize("entry,args,key", [
-    ("evaluate", ["retriever=bm25", "reranker=cross_encoder"], "reranker.cross_encoder.name_or_path"),
+    ("evaluate", ["retriever=bm25", "reranker=cross_encoder"], "reranker.model.name_or_path"),
     ("mine", ["denoise.max_length=64"], "denoise.cross_encoder"),
     ("score", [], "model.name_or_path"),
 ])
@@ -134,7 +134,7 @@ def test_a_cross_encoder_without_a_trained_score_head_does_not_score(entry, args
     import shutil
 
     folder = shutil.copytree(beir_folder, tmp_path / "beir")
-    given = {"evaluate": [f"reranker.cross_encoder.name_or_path={tiny_model}", "reranker.cross_encoder.max_length=64"],
+    given = {"evaluate": [f"reranker.model.name_or_path={tiny_model}", "reranker.model.max_length=64"],
              "mine": [f"denoise.cross_encoder={tiny_model}"],
              "score": [f"model.name_or_path={tiny_model}", f"input={bm25_negatives}",
                        f"output={tmp_path / 'ce.jsonl'}"]}[entry]

@@ -14,7 +14,7 @@ python -m retrieval_lab.train module=cross_encoder negatives.group_size=4 batch_
     model.max_length=192 optim.lr=5e-5 validation.enabled=false eval.before=false hydra.run.dir=$OUT/cross_encoder
 # 2. the same re-ranking as its own command (any first stage: retriever=bm25|dense|hybrid)
 # python -m retrieval_lab.evaluate retriever=bm25 reranker=cross_encoder \
-#     reranker.cross_encoder.name_or_path=$OUT/cross_encoder/model reranker.cross_encoder.max_length=192
+#     reranker.model.name_or_path=$OUT/cross_encoder/model reranker.model.max_length=192
 # 3. teacher scores for every (query, positive or negative) pair of a 7-negative BM25 file
 python -m retrieval_lab.mine n_neg=7 output=$NEG/bm25top7-train.jsonl
 python -m retrieval_lab.score model.name_or_path=$OUT/cross_encoder/model model.max_length=192 \

@@ -36,7 +36,7 @@ def score_negatives(records: dict[str, QueryNegatives], queries: dict[str, str],
                     batch_size: int = 64, device=None) -> dict[str, QueryNegatives]:
     """The same records with ``scores`` replaced by the teacher's (a cross-encoder) for every listed document."""
     pairs = [(qid, doc_id) for qid, r in records.items() for doc_id in dict.fromkeys(r.pos + r.neg)]
-    scores = teacher.score([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs], batch_size, device)
+    scores = teacher.score_texts([queries[q] for q, _ in pairs], [corpus[d].full_text for _, d in pairs], batch_size, device)
     out = {qid: QueryNegatives(r.pos, r.neg, {}) for qid, r in records.items()}
     for (qid, doc_id), score in zip(pairs, scores):
         out[qid].scores[doc_id] = score

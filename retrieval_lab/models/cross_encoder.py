@@ -93,8 +93,8 @@ class CrossEncoder(ModelFamily):
         return Reranker(BM25Retriever(k1=1.5), self, depth, batch_size, device, progress)
 
     @torch.inference_mode()
-    def score(self, queries: list[str], docs: list[str], batch_size: int = 64, device=None,
-              progress: bool = True) -> list[float]:
+    def score_texts(self, queries: list[str], docs: list[str], batch_size: int = 64, device=None,
+                    progress: bool = True) -> list[float]:
         """Scores of many pairs, in input order (batches of similar length, no graph, bf16 on GPU)."""
         device = torch.device(device) if device else next(self.parameters()).device
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]) - len(queries[i]))

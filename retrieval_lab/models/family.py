@@ -96,6 +96,30 @@ class ModelFamily(nn.Module):
             out.doc_query = self.score(positives[rows], q)
         return out
 
+    @torch.inference_mode()
+    def score_texts(self, queries: list[str], docs: list[str], batch_size: int = 64, device=None,
+                    progress: bool = True) -> list[float]:
+        """The score of each (query, document) text pair, in input order: each distinct text encoded once
+        (``encoding.encode_texts``), then each pair scored by ``score_groups`` (a re-ranker's scores)."""
+        from retrieval_lab.models import representation
+        from retrieval_lab.retrieval.encoding import encode_texts
+
+        device = torch.device(device) if device else next(self.parameters()).device
+        encoded = []
+        for texts, side in ((queries, "query"), (docs, "doc")):
+            distinct = list(dict.fromkeys(texts))
+            rows = dict(zip(distinct, range(len(distinct))))
+            encoded.append((encode_texts(self, distinct, side, batch_size, device, progress,
+                                         desc=f"encode {side}s to re-rank"), [rows[t] for t in texts]))
+        (q, q_rows), (d, d_rows) = encoded
+        out = []
+        for start in range(0, len(queries), 1024):
+            part = slice(start, start + 1024)
+            scores = self.score_groups(representation.rows_on(q, q_rows[part], device),
+                                       representation.rows_on(d, d_rows[part], device), 1)
+            out.extend(scores[:, 0].tolist())
+        return out
+
     def build_index(self, docs, index: str | None = None, device=None, **settings):
         """An index over the encoded documents ``docs`` (N x D, float32): exact inner product (``flat``, faiss),
         approximate (``hnsw``) or exact with torch on ``device`` (``torch``)."""

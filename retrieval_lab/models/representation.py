@@ -110,6 +110,13 @@ def _gathered(module, tensor: torch.Tensor) -> torch.Tensor:
     return out.flatten(0, 1)
 
 
+def rows_on(rep, rows: list[int], device) -> "torch.Tensor | MultiVector":
+    """Rows ``rows`` of an encoded (numpy) representation as torch tensors on ``device``."""
+    if isinstance(rep, MultiVector):
+        return MultiVector(torch.from_numpy(rep.vectors[rows]).to(device), torch.from_numpy(rep.mask[rows]).to(device))
+    return torch.from_numpy(rep[rows]).to(device)
+
+
 def pooled(rep):
     """One vector per text: ``rep`` itself, or each multi-vector text's mean real vector (numpy or torch)."""
     if not isinstance(rep, MultiVector):
