@@ -7,7 +7,7 @@
 #      BM25 file): the listwise-KL single-vector student (listwise_kl_scifact) against ColBERTv2 (loss=colbertv2:
 #      the same KL plus in-batch cross-entropy);
 #   3. the trained ColBERTv2 searched four ways: exact MaxSim, ColBERT v1's ANN candidates, PLAID with 2-bit and
-#      1-bit residuals;
+#      1-bit residuals; and as a re-ranker of BM25's top 100 (reranker=model);
 # then retrieval_lab.report's paired t-test for each comparison. Both model kinds read documents of the same length.
 # Run from the repository root after `make data`.
 #   bash experiments/late_interaction/run.sh          # the full recipes (3 epochs, 256-token documents; a GPU)
@@ -41,6 +41,8 @@ run dpr_recipe/dpr experiment=dpr_scifact model=minilm model.doc_max_length=$DOC
 run dpr_recipe/colbert experiment=dpr_scifact "${COLBERT[@]}" loss.temperature=1 "${SIZE[@]}"
 run distillation/listwise_kl experiment=listwise_kl_scifact model=minilm model.doc_max_length=$DOCS "${SIZE[@]}"
 run distillation/colbertv2 experiment=listwise_kl_scifact "${COLBERT[@]}" loss=colbertv2 "${SIZE[@]}"
+# the single vector's objective exactly (listwise KL alone), on ColBERT: the family's share of the difference
+run distillation/colbert_kl experiment=listwise_kl_scifact "${COLBERT[@]}" loss.temperature=1 "${SIZE[@]}"
 for search in "exact retriever.index=exact" "ann retriever.index=ann" \
               "plaid_2bit retriever.index=plaid retriever.index_settings={nbits:2}" \
               "plaid_1bit retriever.index=plaid retriever.index_settings={nbits:1}"; do
@@ -51,6 +53,8 @@ for search in "exact retriever.index=exact" "ann retriever.index=ann" \
     /usr/bin/time -f "$name: %e s, %M KB peak" $PY -m retrieval_lab.evaluate model=colbert \
         model.name_or_path=$OUT/distillation/colbertv2/model ${search#* } "hydra.run.dir=$OUT/search/$name"
 done
+[ -f "$OUT/rerank_bm25/metrics.json" ] || $PY -m retrieval_lab.evaluate retriever=bm25 reranker=model model=colbert \
+    model.name_or_path=$OUT/distillation/colbertv2/model "hydra.run.dir=$OUT/rerank_bm25"
 for pair in "dpr_recipe model=minilm" "distillation model=minilm" "search retriever.index=exact"; do
     $PY -m retrieval_lab.report "$OUT/${pair%% *}" --baseline "${pair#* }"
     cat "$OUT/${pair%% *}/report/report.md"
