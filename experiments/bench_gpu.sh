@@ -3,7 +3,8 @@
 # worker processes; how much each holds up a thread launching work), corpus encoding (token budget or fixed
 # batches, autocast or a bf16 / fp16 copy of the weights, tokenised in worker processes or a thread), the ranking
 # each weight dtype gives, training with and without gradient caching, whether the training data pipeline keeps up
-# with the GPU (0 to 8 DataLoader workers), and how much GPU memory BM25's JAX import leaves free.
+# with the GPU (0 to 8 DataLoader workers), how much GPU memory BM25's JAX import leaves free, and (issue 26) MaxSim
+# scoring and token-vector search (exact, ANN, PLAID) at 1x, 10x and 100x SciFact's size.
 # Every benchmark prints its ratio against a plain baseline measured in the same run. Run from the repository
 # root after `make data`. MODEL: the encoder (default: the packaged MiniLM); REPEAT: timings per path (median);
 # DOCS, SIZES and DDP_BATCH: fewer documents and smaller batches for a dry run on a CPU (DOCS=64 SIZES="8 16"
@@ -65,3 +66,7 @@ test = BeirDataset("data/scifact").split("test")
 BM25Retriever().retrieve(test.corpus, test.queries, 100)
 print(f"free GiB: {before:.1f} before, {free():.1f} after")
 PY
+echo "== python experiments/late_interaction/bench_maxsim.py --device cuda (MaxSim against one einsum per pair)"
+python experiments/late_interaction/bench_maxsim.py --device cuda
+echo "== python experiments/late_interaction/bench_search.py --scales 1 10 100 --dim 128 --doc-tokens 64 --device cuda"
+python experiments/late_interaction/bench_search.py --scales 1 10 100 --dim 128 --doc-tokens 64 --device cuda

@@ -74,10 +74,12 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=4096)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the indexes' torch work runs (cuda on a GPU)")
     args = parser.parse_args()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     print(f"dim {args.dim}, documents of {args.doc_tokens // 2}-{args.doc_tokens} token vectors, "
           f"{args.queries} queries of {args.query_tokens}, {args.clusters} clusters, k={args.k}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{torch.get_num_threads()} threads, device {args.device}\n")
     rows = []
     for scale in args.scales:
         docs, queries = corpus(SCIFACT_DOCS * scale, args.doc_tokens, args.dim, args.clusters, args.queries,
@@ -88,10 +90,12 @@ def main() -> None:
         for mode in args.modes:
             kind, settings = MODES[mode]
             start = time.perf_counter()
-            index = late.build(docs, kind, **settings)
+            index = late.build(docs, kind, args.device, **settings)
+            sync()
             built = time.perf_counter() - start
             start = time.perf_counter()
             _, ids = index.search(queries, args.k)
+            sync()
             latency = (time.perf_counter() - start) * 1000 / len(queries)
             if mode == "exact":
                 exact = (ids, latency)
