@@ -40,7 +40,7 @@ run teacher module=cross_encoder "${TEACHER[@]}" optim.lr=5e-5 validation.enable
 run dpr_recipe/dpr experiment=dpr_scifact model=minilm model.doc_max_length=$DOCS "${SIZE[@]}"
 run dpr_recipe/colbert experiment=dpr_scifact "${COLBERT[@]}" loss.temperature=1 "${SIZE[@]}"
 run distillation/listwise_kl experiment=listwise_kl_scifact model=minilm model.doc_max_length=$DOCS "${SIZE[@]}"
-run distillation/colbertv2 experiment=listwise_kl_scifact "${COLBERT[@]}" loss=colbertv2 "${SIZE[@]}"
+run distillation/colbertv2 experiment=listwise_kl_scifact "${COLBERT[@]}" loss=colbertv2 loss.temperature=1 "${SIZE[@]}"
 # the single vector's objective exactly (listwise KL alone), on ColBERT: the family's share of the difference
 run distillation/colbert_kl experiment=listwise_kl_scifact "${COLBERT[@]}" loss.temperature=1 "${SIZE[@]}"
 for search in "exact retriever.index=exact" "ann retriever.index=ann" \
