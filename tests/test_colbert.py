@@ -147,6 +147,14 @@ def test_settings_are_checked(tiny_model):
         ColBERT(str(tiny_model), doc_max_length=16, augment="yes")
     with pytest.raises(ConfigError, match="model.projection_dim must be a positive whole number"):
         ColBERT(str(tiny_model), doc_max_length=16, projection_dim=0)
+    from retrieval_lab import config
+
+    with pytest.raises(ConfigError, match="eval.index must be 'exact', 'ann' or 'plaid' for a ColBERT model"):
+        config.check_train_config(compose_train(["model=colbert", "eval.index=flat"]))
+    with pytest.raises(ConfigError, match="eval.index_settings.nbits must be 1 or 2, got '3'"):  # before training
+        config.check_train_config(compose_train(["model=colbert", "eval.index=plaid", "+eval.index_settings.nbits=3"]))
+    with pytest.raises(ConfigError, match="eval.index_settings.nbit is not a setting of the 'plaid' index"):
+        config.check_train_config(compose_train(["model=colbert", "eval.index=plaid", "+eval.index_settings.nbit=2"]))
 
 
 def test_moco_is_refused_and_samtone_trains(tiny_model, beir_folder, bm25_negatives, tmp_path):

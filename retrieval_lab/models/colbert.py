@@ -170,6 +170,15 @@ class ColBERT(Encoder):
         owned = (rows[:, None].to(d.device) * group_size + torch.arange(group_size, device=d.device)).reshape(-1)
         return maxsim_groups(q[rows.to(q.device)], d[owned], group_size)
 
+    @classmethod
+    def check_index(cls, index: str | None, settings=None, key: str = "retriever.index") -> str:
+        """The family's check (kinds, setting names), then each setting's value (``late.check_settings``)."""
+        from retrieval_lab.retrieval import late
+
+        index = super().check_index(index, settings, key)
+        late.check_settings(index, dict(settings or {}), f"{key}_settings")
+        return index
+
     def build_index(self, docs: MultiVector, index: str | None = None, device=None, **settings):
         """An index over encoded documents (see :mod:`retrieval_lab.retrieval.late`) whose ``search`` takes encoded
         queries."""

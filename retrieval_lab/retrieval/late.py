@@ -46,6 +46,30 @@ def torch_dtype(dtype: str, key: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_settings(index: str, settings: dict, key: str = KEY) -> None:
+    """Refuse, in a sentence naming ``key``.<setting>, a value an ``index`` kind's setting cannot take (before any
+    corpus is encoded: the training config check calls it with ``key`` = eval.index_settings)."""
+    given = dict(settings)
+    for name in ("batch_size", "candidates", "ncells", "kmeans_iterations"):
+        if name in given:
+            require_whole(f"{key}.{name}", given[name])
+    for name in ("centroids", "ndocs", "sample"):
+        if name in given:
+            require_whole(f"{key}.{name}", given[name], nullable=True)
+    if "dtype" in given:
+        torch_dtype(given["dtype"], f"{key}.dtype")
+    if "ann" in given and given["ann"] not in ("flat", "hnsw"):
+        raise ConfigError(f"{key}.ann must be 'flat' or 'hnsw', got '{given['ann']}'.")
+    if "nbits" in given and (given["nbits"] not in (1, 2) or isinstance(given["nbits"], bool)):
+        raise ConfigError(f"{key}.nbits must be 1 or 2, got '{given['nbits']}'.")
+    threshold = given.get("centroid_threshold", 0.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ConfigError(f"{key}.centroid_threshold must be a number, got '{threshold}'.")
+    seed = given.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{key}.seed must be a whole number of 0 or more, got '{seed}'.")
+
+
 def as_torch(rep: MultiVector, device=None, dtype=torch.float32) -> MultiVector:
     return MultiVector(torch.as_tensor(rep.vectors, device=device).to(dtype), torch.as_tensor(rep.mask, device=device))
 
@@ -84,7 +108,7 @@ class ExactIndex:
     (the documents kept there in ``dtype``; scores in float32)."""
 
     def __init__(self, docs: MultiVector, device=None, batch_size: int = 1024, dtype: str = "float32"):
-        require_whole(f"{KEY}.batch_size", batch_size)
+        check_settings("exact", {"batch_size": batch_size, "dtype": dtype})
         self.docs = as_torch(docs, device, torch_dtype(dtype, f"{KEY}.dtype"))
         self.batch_size = batch_size
 
@@ -128,9 +152,7 @@ class ANNIndex:
                  dtype: str = "float32"):
         import faiss
 
-        require_whole(f"{KEY}.candidates", candidates)
-        if ann not in ("flat", "hnsw"):
-            raise ConfigError(f"{KEY}.ann must be 'flat' or 'hnsw', got '{ann}'.")
+        check_settings("ann", {"candidates": candidates, "ann": ann, "dtype": dtype})
         self.exact = ExactIndex(docs, device, dtype=dtype)
         self.candidates, self.kind = candidates, ann
         dim = docs.vectors.shape[2]
@@ -208,16 +230,9 @@ class PLAIDIndex:
                  sample: int | None = None, seed: int = 0):
         import faiss
 
-        if nbits not in (1, 2) or isinstance(nbits, bool):
-            raise ConfigError(f"{KEY}.nbits must be 1 or 2, got '{nbits}'.")
-        for key, value in (("centroids", centroids), ("ndocs", ndocs), ("sample", sample)):
-            require_whole(f"{KEY}.{key}", value, nullable=True)
-        require_whole(f"{KEY}.ncells", ncells)
-        require_whole(f"{KEY}.kmeans_iterations", kmeans_iterations)
-        if isinstance(centroid_threshold, bool) or not isinstance(centroid_threshold, (int, float)):
-            raise ConfigError(f"{KEY}.centroid_threshold must be a number, got '{centroid_threshold}'.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ConfigError(f"{KEY}.seed must be a whole number of 0 or more, got '{seed}'.")
+        check_settings("plaid", {"nbits": nbits, "centroids": centroids, "ncells": ncells,
+                                 "centroid_threshold": centroid_threshold, "ndocs": ndocs,
+                                 "kmeans_iterations": kmeans_iterations, "sample": sample, "seed": seed})
         lengths = docs.mask.sum(1).astype(np.int64)
         tokens, dim = int(lengths.sum()), docs.vectors.shape[2]
         if tokens == 0:
