@@ -153,6 +153,14 @@ class PolyEncoder(Encoder):
         return poly_scores_paired(q.vectors[rows], q.mask[rows.to(q.mask.device)], docs)
 
     # ---- search ----
+    @classmethod
+    def check_index(cls, index: str | None, settings=None, key: str = "retriever.index") -> str:
+        """The family's check (kinds, setting names), then ``depth``'s value (a positive whole number)."""
+        index = super().check_index(index, settings, key)
+        if "depth" in (settings or {}):
+            require_whole(f"{key}_settings.depth", settings["depth"])
+        return index
+
     def build_index(self, docs, index: str | None = None, device=None, **settings):
         """``exact`` (every document scored) or ``rerank`` (``depth`` candidates of a faiss inner-product index
         searched with each query's mean code vector, re-scored) over the document vectors ``docs`` (N x D); its
@@ -160,9 +168,7 @@ class PolyEncoder(Encoder):
         index = self.check_index(index, settings)
         if index == "exact":
             return PolyIndex(docs, device)
-        depth = settings.get("depth", DEFAULT_DEPTH)
-        require_whole("index_settings.depth", depth)
-        return PolyIndex(docs, device, depth=depth)
+        return PolyIndex(docs, device, depth=settings.get("depth", DEFAULT_DEPTH))
 
     # ---- saving ----
     def save(self, folder: str | Path) -> Path:
