@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from retrieval_lab.errors import ConfigError
+from retrieval_lab.errors import ConfigError, warn
 
 
 def _precision() -> str:
@@ -245,6 +245,11 @@ def check_declarations(cfg: DictConfig) -> None:
                           f"families whose doc_representation is {' or '.join(sorted(module.families))}, not "
                           f"'{representation}'.")
     loss_name = f"loss={type(loss).__name__}"
+    wanted = getattr(family, "temperature", None)
+    if wanted and isinstance(getattr(loss, "temperature", None), (int, float)) and loss.temperature < wanted / 4:
+        warn(f"model={family.__name__}'s scores want loss.temperature={wanted:g} or so: at loss.temperature="
+             f"{loss.temperature:g} the logits are {wanted / loss.temperature:g} times larger, and the softmax is "
+             f"nearly one-hot.")
     if not module.takes_loss and not isinstance(loss, module.ignored_loss):
         raise ConfigError(f"module={module.option} trains with a fixed objective (cross-entropy over each group): "
                           f"{loss_name} would be ignored; leave loss at its default.")

@@ -62,6 +62,16 @@ def test_maxsim_of_marked_augmented_queries_against_documents_without_punctuatio
         assert d.mask[1].tolist() == [True, True, True, True] + [False] * (d.vectors.shape[1] - 4)  # padding
 
 
+def test_a_long_query_is_cut_to_its_length_and_keeps_its_sep(colbert):
+    """A query of more than query_max_length tokens: [CLS] [Q], its first 6 words, [SEP]; no [MASK]."""
+    tok = colbert.tokenizer
+    inputs, keep = colbert.query_inputs(colbert.tokenize(["gene cancer virus brain heart liver lung kidney"], "query"))
+    words = tok("gene cancer virus brain heart liver", add_special_tokens=False)["input_ids"]
+    assert inputs["input_ids"][0].tolist() == [tok.cls_token_id, tok.convert_tokens_to_ids("[unused0]"), *words,
+                                               tok.sep_token_id]
+    assert inputs["attention_mask"][0].tolist() == [1] * 9 and keep.all()
+
+
 def test_augmentation_settings_change_what_the_query_keeps(tiny_model):
     plain = ColBERT(str(tiny_model), projection_dim=8, query_max_length=8, doc_max_length=16, augment=False).eval()
     attend = ColBERT(str(tiny_model), projection_dim=8, query_max_length=8, doc_max_length=16,
@@ -92,6 +102,8 @@ def test_every_score_block_is_maxsim_of_its_texts(colbert):
             return sum(max(float(a.vectors[i, x] @ b.vectors[j, y]) for y in range(width) if b.mask[j, y])
                        for x in range(a.vectors.shape[1]) if a.mask[i, x])
 
+        backwards = colbert.score_groups(q, d, 3, rows=torch.tensor([3, 1]))  # rows in any order
+        assert torch.equal(backwards, s.groups.flip(0))
         for r, i in enumerate(rows.tolist()):
             assert s.query_doc[r].tolist() == pytest.approx([pair(q, i, d, j) for j in range(12)], abs=1e-4)
             assert s.groups[r].tolist() == pytest.approx([pair(q, i, d, i * 3 + g) for g in range(3)], abs=1e-4)
@@ -133,6 +145,10 @@ def test_a_saved_colbert_loads_back_the_same(colbert, tmp_path):
     inputs = colbert.tokenize(["protein, gene."], "doc")
     with torch.no_grad():
         assert torch.equal(back.encode_docs(inputs).vectors, colbert.encode_docs(inputs).vectors)
+    with pytest.raises(ConfigError, match="holds a model saved by model=colbert .* load it with model=colbert"):
+        from retrieval_lab.models.encoder import Encoder
+
+        Encoder(str(tmp_path / "model"))  # a mean-pooled single vector of ColBERT's weights would mean nothing
     with pytest.raises(ConfigError, match="was saved as another model family than ColBERT"):
         from retrieval_lab.models.encoder import Encoder
 
@@ -147,6 +163,9 @@ def test_settings_are_checked(tiny_model):
         ColBERT(str(tiny_model), doc_max_length=16, augment="yes")
     with pytest.raises(ConfigError, match="model.projection_dim must be a positive whole number"):
         ColBERT(str(tiny_model), doc_max_length=16, projection_dim=0)
+    with pytest.raises(ConfigError, match="model.doc_max_length=128 and ColBERT's marker token are longer than the 128 "
+                                          "positions .* set model.doc_max_length to 127 or less"):
+        ColBERT(str(tiny_model), doc_max_length=128)
     from retrieval_lab import config
 
     with pytest.raises(ConfigError, match="eval.index must be 'exact', 'ann' or 'plaid' for a ColBERT model"):
@@ -191,3 +210,23 @@ def test_reranking_a_first_stage_gives_maxsim_scores(colbert, beir_folder):
     for qid in test.queries:
         assert list(reranked[qid]) == list(exact[qid])
         assert list(reranked[qid].values()) == pytest.approx(list(exact[qid].values()), abs=1e-4)
+
+
+def test_rocketqa_trains_colbert_with_its_ranker(tiny_model, beir_folder, bm25_negatives, tmp_path):
+    """module=rocketqa: the ranker's scores over each group teach ColBERT (listwise KL at temperature 1), the ranker
+    learns from the labels."""
+    overrides = ["model=colbert", f"model.name_or_path={tiny_model}", "model.doc_max_length=32", "module=rocketqa",
+                 f"module.cross_encoder.name_or_path={tiny_model}", "module.cross_encoder.max_length=48",
+                 "loss.temperature=1", "negatives=bm25", f"negatives.file={bm25_negatives}", "negatives.group_size=3",
+                 "data=beir", f"data.path={beir_folder}", *[o for o in FAST if "queue_size" not in o]]
+    train(compose_train(overrides), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_temperature_far_below_colberts_is_warned_of(capsys):
+    from retrieval_lab import config
+
+    config.check_train_config(compose_train(["model=colbert"]))
+    assert "model=ColBERT's scores want loss.temperature=1" in capsys.readouterr().err
+    config.check_train_config(compose_train(["model=colbert", "loss.temperature=1"]))
+    assert "temperature" not in capsys.readouterr().err

@@ -57,9 +57,11 @@ def test_false_negatives_are_left_out_of_the_in_batch_term():
 
 
 def test_settings_and_a_missing_teacher_are_refused():
-    with pytest.raises(ConfigError, match="loss.inbatch_weight must be 0 or more"):
+    with pytest.raises(ConfigError, match="loss.inbatch_weight must be a number of 0 or more"):
         ColBERTv2Loss(inbatch_weight=-1)
-    with pytest.raises(ConfigError, match="loss.teacher_temperature must be positive"):
+    with pytest.raises(ConfigError, match="loss.teacher_temperature must be a positive number"):
         ColBERTv2Loss(teacher_temperature=0)
+    with pytest.raises(ConfigError, match="loss.inbatch_weight must be a number"):
+        ColBERTv2Loss(inbatch_weight=True)
     with pytest.raises(ConfigError, match="colbertv2"):
         loss_on_vectors(ColBERTv2Loss(), torch.randn(2, 4), torch.randn(4, 4), group_size=2)

@@ -30,10 +30,11 @@ class ColBERTv2Loss(Loss):
     def __init__(self, temperature: float = 1.0, teacher_temperature: float = 1.0, inbatch_weight: float = 1.0):
         super().__init__()
         self.temperature = check_temperature(temperature)
-        if teacher_temperature <= 0:
-            raise ConfigError(f"loss.teacher_temperature must be positive, got {teacher_temperature}.")
-        if inbatch_weight < 0:
-            raise ConfigError(f"loss.inbatch_weight must be 0 or more, got {inbatch_weight}.")
+        if isinstance(teacher_temperature, bool) or not isinstance(teacher_temperature, (int, float)) \
+                or teacher_temperature <= 0:
+            raise ConfigError(f"loss.teacher_temperature must be a positive number, got {teacher_temperature}.")
+        if isinstance(inbatch_weight, bool) or not isinstance(inbatch_weight, (int, float)) or inbatch_weight < 0:
+            raise ConfigError(f"loss.inbatch_weight must be a number of 0 or more, got {inbatch_weight}.")
         self.teacher_temperature, self.inbatch_weight = teacher_temperature, inbatch_weight
         self.blocks = frozenset({"groups", *(["query_doc"] if inbatch_weight else [])})
 

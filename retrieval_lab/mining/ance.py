@@ -4,7 +4,8 @@ Xiong et al. (2021), "Approximate Nearest Neighbor Negative Contrastive Learning
 
 Every ``every_n_steps`` optimiser steps the callback snapshots the encoder's weights and hands them to a
 background thread, which encodes the corpus and the training queries with that snapshot, searches an index
-(``eval.index``: faiss flat by default, or torch), drops the judged positives and builds a complete new
+(the model family's, ``eval.index`` and ``eval.index_settings``: for one vector per text faiss flat by
+default, or torch), drops the judged positives and builds a complete new
 negatives table. Training goes on meanwhile; the finished table replaces the old one in a single reference
 assignment (``train_set.negatives = table``), so a training step sees either the old table or the new one, never
 a half-written one. A refresh that fails (out of memory, say) stops training at the next step with its error.
@@ -35,9 +36,11 @@ from retrieval_lab.retrieval.dense import DenseRetriever
 
 class AnceRefresh(L.Callback):
     def __init__(self, train_set, every_n_steps: int = 100, depth: int = 100, n_neg: int = 30, skip_top: int = 0,
-                 batch_size: int = 128, background: bool = True, index: str = "flat"):
+                 batch_size: int = 128, background: bool = True, index: str | None = None,
+                 index_settings: dict | None = None):
         self.train_set, self.every_n_steps, self.depth, self.n_neg = train_set, every_n_steps, depth, n_neg
         self.skip_top, self.batch_size, self.background, self.index = skip_top, batch_size, background, index
+        self.index_settings = index_settings
         self._thread: threading.Thread | None = None
         self._ready: dict | None = None  # the finished table and its statistics, waiting to be swapped in
         self._in_flight = False  # a refresh started and not swapped in yet (the same on every process)
@@ -53,7 +56,7 @@ class AnceRefresh(L.Callback):
         # no process left waiting in a collective for a failed one: each block between collectives fails together
         with fail_together(self.group, world > 1):
             retriever = DenseRetriever(encoder, self.batch_size, self.index, progress=False, shard=world > 1,
-                                       group=self.group)
+                                       group=self.group, index_settings=self.index_settings)
         run = retriever.retrieve(self.train_set.dataset.corpus, queries, self.depth)  # raises on every process
         with fail_together(self.group, world > 1):
             mined = mine_negatives(run, {q: {d: 1 for d in self.train_set.judged[q]} for q in qids}, self.n_neg,

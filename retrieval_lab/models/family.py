@@ -13,7 +13,8 @@ indexed and searched with them. Every part of training and retrieval goes throug
   ``check_index(index, settings)``, which refuses another kind or a setting the kind lacks in a sentence.
 - Declarations: ``doc_representation`` (one of ``REPRESENTATIONS``: "vector", one vector per document, which a
   MoCo queue needs; "vectors"; "sparse"; "pairs", scored jointly with the query) and ``blocks``, the score
-  blocks the family can compute.
+  blocks the family can compute; ``temperature``, where its scores are not cosines (ColBERT's sums of them), the
+  loss temperature they want (the config check warns of one far below it).
 
 The defaults here are those of the single-vector bi-encoder: inner products of one vector per text, an exact or
 HNSW inner-product index (faiss, or torch on a GPU).
@@ -33,6 +34,7 @@ REPRESENTATIONS = frozenset({"vector", "vectors", "sparse", "pairs"})  # what a 
 class ModelFamily(nn.Module):
     doc_representation = "vector"
     blocks = frozenset(BLOCKS)
+    temperature: float | None = None  # a loss temperature its scores want, where the losses' defaults (0.05) do not fit
     indexes = ("flat", "hnsw", "torch")  # exact inner product (faiss) | approximate (faiss HNSW) | exact (torch)
     index_settings: dict[str, tuple] = {}  # index kind -> the settings build_index takes for it
 

@@ -54,7 +54,7 @@ class RocketQAModule(BiEncoderModule):
         ranker = self.cross_encoder.score_groups(scores, None, self.group_size)
         retriever_loss = self.loss(self.encoder.score_blocks(q, d, self.group_size, self.loss.blocks,
                                                              mask=batch.get("mask"), teacher=ranker.detach()))
-        ranker_loss = F.cross_entropy(ranker, torch.zeros(q.size(0), dtype=torch.long, device=ranker.device))
+        ranker_loss = F.cross_entropy(ranker, torch.zeros(len(q), dtype=torch.long, device=ranker.device))
         self.log_dict({"train/retriever_loss": retriever_loss.detach(), "train/ranker_loss": ranker_loss.detach()},
-                      batch_size=q.size(0))
+                      batch_size=len(q))
         return retriever_loss + ranker_loss

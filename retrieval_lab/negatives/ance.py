@@ -40,4 +40,5 @@ class Ance(MinedFile):
     def callbacks(self, cfg, train_set) -> list:
         from retrieval_lab.mining.ance import AnceRefresh
 
-        return [AnceRefresh(train_set, batch_size=cfg.eval.batch_size, index=cfg.eval.index, **self.refresh)]
+        return [AnceRefresh(train_set, batch_size=cfg.eval.batch_size, index=cfg.eval.index,
+                            index_settings=cfg.eval.get("index_settings"), **self.refresh)]
