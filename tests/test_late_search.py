@@ -207,6 +207,21 @@ def test_plaid_centroid_interaction_leaves_out_centroids_below_the_threshold(tig
     assert 0 < kept.sum() < len(kept)
 
 
+def test_plaid_with_no_centroid_above_the_threshold_leaves_none_out(tight, plaid):
+    """A threshold no query token reaches would score every candidate 0: centroid interaction then prunes nothing."""
+    docs, queries = tight
+    index, query = plaid[2], torch.as_tensor(queries.vectors[0][queries.mask[0]])
+    centroid_scores = query @ torch.as_tensor(index.centroids).T
+    rows = np.arange(50)
+    index.threshold = -2.0
+    try:
+        unpruned = index.centroid_interaction(centroid_scores, rows)
+        index.threshold = 2.0  # above any cosine
+        assert torch.equal(index.centroid_interaction(centroid_scores, rows), unpruned)
+    finally:
+        index.threshold = 0.45
+
+
 @pytest.mark.parametrize("index, settings, message", [
     ("exact", {"batch_size": 0}, r"retriever\.index_settings\.batch_size must be a positive whole number"),
     ("ann", {"candidates": 2.5}, r"retriever\.index_settings\.candidates must be a positive whole number"),

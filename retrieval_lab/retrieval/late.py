@@ -336,8 +336,11 @@ class PLAIDIndex:
 
     def centroid_interaction(self, centroid_scores: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Stage 2: for documents ``rows``, sum over real query tokens of the best centroid score of any of the
-        document's tokens whose centroid some query token scores ``centroid_threshold`` with (0 where none)."""
+        document's tokens whose centroid some query token scores ``centroid_threshold`` with (0 where none; no
+        centroid reaching the threshold, none is left out)."""
         kept = centroid_scores.amax(0) >= self.threshold
+        if not kept.any():
+            kept = torch.ones_like(kept)
         pruned = torch.cat([torch.where(kept, centroid_scores, float("-inf")),
                             torch.full((len(centroid_scores), 1), float("-inf"), device=self.device)], 1)
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
@@ -361,6 +364,8 @@ class PLAIDIndex:
                 continue
             centroid_scores = real @ self.t_centroids.T
             rows = self.candidates(centroid_scores)
+            if not len(rows):
+                continue  # its cells hold no document: no result
             if len(rows) > ndocs:
                 approximate = self.centroid_interaction(centroid_scores, rows)
                 rows = np.sort(rows[approximate.topk(ndocs).indices.cpu().numpy()])
