@@ -64,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict:
                                           "model": OmegaConf.select(cfg, "retriever.encoder.name_or_path")  # dense
                                           or OmegaConf.select(cfg, "retriever.dense.encoder.name_or_path"),  # hybrid
                                           "reranker": OmegaConf.select(cfg, "reranker.model.name_or_path"),
-                                          "metrics": scores, **extra, **config.git_commit()})
+                                          "metrics": scores, "index": getattr(retriever, "index_info", None),
+                                          **extra, **config.git_commit()})
     print_table({name: scores}, list(cfg.metrics), title=f"{cfg.data.name} {cfg.split} ({len(split.queries)} queries)")
     print(f"run file and metrics.json in {run_dir}")
     return scores

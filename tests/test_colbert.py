@@ -123,12 +123,16 @@ def test_gradient_caching_equals_the_plain_step(tiny_model, loss, group, chunk):
 
 def test_exact_search_ranks_as_scoring_every_document(colbert, beir_folder):
     test = BeirDataset(beir_folder).split("test")
-    run = DenseRetriever(colbert, batch_size=8, progress=False).retrieve(test.corpus, test.queries, k=10)
+    retriever = DenseRetriever(colbert, batch_size=8, progress=False)
+    run = retriever.retrieve(test.corpus, test.queries, k=10)
     doc_ids, qids = list(test.corpus), list(test.queries)
     with torch.no_grad():
         d = colbert.encode_docs(colbert.tokenize([test.corpus[i].full_text for i in doc_ids], "doc"))
         q = colbert.encode_queries(colbert.tokenize([test.queries[i] for i in qids], "query"))
         every = colbert.score(q, d)
+    info = retriever.index_info  # what evaluate writes to metrics.json: float32 vectors padded to 17, and masks
+    assert info["index"] == "exact" and info["bytes"] == len(doc_ids) * 17 * (8 * 4 + 1)
+    assert info["fp16_vectors_bytes"] == int(d.mask.sum()) * 8 * 2
     for row, qid in enumerate(qids):
         top = every[row].topk(10)
         assert list(run[qid]) == [doc_ids[j] for j in top.indices.tolist()]

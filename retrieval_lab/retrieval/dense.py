@@ -2,6 +2,8 @@
 index (``ModelFamily.build_index``: for one vector per text, faiss or torch on the GPU; token vectors, MaxSim)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -65,7 +67,10 @@ class DenseRetriever:
     """Encode the corpus and the queries with ``encoder``; ``device='auto'`` takes the GPU when there is one.
     ``shard``: under torch.distributed (validation during DDP training), each process encodes its share of the
     corpus and the shares are all-gathered (over ``group``; None: the default group), so every process must call
-    :meth:`retrieve` at the same time; where one fails to encode its share, all raise (:func:`fail_together`)."""
+    :meth:`retrieve` at the same time; where one fails to encode its share, all raise (:func:`fail_together`).
+    After a search, ``index_info`` holds the index's kind, settings, size in bytes (``nbytes``, where the index
+    reports it), build seconds and search milliseconds per query, and the size of the documents' real vectors in
+    fp16, which ``evaluate`` writes to metrics.json."""
 
     def __init__(self, encoder, batch_size: int = 128, index: str | None = None, device: str | None = None,
                  progress: bool = True, token_budget: int | None = None, dtype: str = "auto", shard: bool = False,
@@ -106,8 +111,17 @@ class DenseRetriever:
         with fail_together(self.group, world > 1):
             query_emb = self.encode([queries[q] for q in qids], "query", "encode queries")
             refuse_non_finite(representation.values(query_emb), qids, "query embeddings")
+            started = time.perf_counter()
             index = self.encoder.build_index(doc_emb, self.index, self.device or next(self.encoder.parameters()).device,
                                              **self.index_settings)
+            built = time.perf_counter()
             scores, ids = index.search(query_emb, min(k, len(doc_ids)))
+        vectors = representation.values(doc_emb)
+        real = int(doc_emb.mask.sum()) if isinstance(doc_emb, representation.MultiVector) else len(vectors)
+        self.index_info = {"index": self.index, "settings": self.index_settings,
+                           "bytes": getattr(index, "nbytes", None), "documents": len(doc_ids),
+                           "fp16_vectors_bytes": real * vectors.shape[-1] * 2,  # the documents' real vectors in fp16
+                           "build_seconds": round(built - started, 3),
+                           "search_ms_per_query": round((time.perf_counter() - built) * 1000 / max(1, len(qids)), 3)}
         return {qid: {doc_ids[j]: float(s) for j, s in zip(ids[row], scores[row]) if j >= 0}
                 for row, qid in enumerate(qids)}
