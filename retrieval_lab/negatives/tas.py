@@ -36,8 +36,11 @@ class Tas(MinedFile):
         from retrieval_lab.retrieval.encoding import encode_texts
 
         texts = [train_set.dataset.queries[q] for q in train_set.qids]
-        # several vectors per query (ColBERT's tokens, a Poly-encoder's codes): their mean
-        embeddings = representation.pooled(encode_texts(encoder, texts, "query", desc="encode queries for TAS clusters"))
+        # several vectors per query (ColBERT's tokens, a Poly-encoder's codes): their mean, 8,192 queries at a time
+        embeddings = np.concatenate([
+            representation.pooled(encode_texts(encoder, texts[start:start + 8192], "query",
+                                               desc=f"encode queries for TAS clusters ({start}/{len(texts)})"))
+            for start in range(0, len(texts), 8192)])
         labels = cluster_embeddings(embeddings, self.clusters, seed,
                                     min_size=share_of(batch_size, self.clusters_per_batch))
         sizes = np.bincount(labels)
