@@ -15,7 +15,10 @@ hidden state to ``projection_dim`` = 128 dimensions, L2-normalised):
 - Documents keep the vectors of their real tokens but punctuation (``skip_punctuation``): [CLS], marker and [SEP]
   stay, as in the paper's code.
 
-The same formula scores documents against documents and queries against queries (the blocks of SamToNe). Search
+The same formula scores documents against documents and queries against queries (the blocks of SamToNe). A
+training step holds every query token's inner product with every document token of the batch (B x B*G x 33 x 181
+floats: 60 MB for 32 queries in groups of 2, growing with the square of the batch; under DDP each process holds
+its own queries' rows of the global batch). Search
 (``build_index``, :mod:`retrieval_lab.retrieval.late`): ``exact`` MaxSim over the corpus, batched; ``ann``, ColBERT
 v1's candidate generation (a faiss index over every document token vector) with exact MaxSim over the candidates;
 ``plaid``, ColBERTv2's residual compression with PLAID's centroid pruning.

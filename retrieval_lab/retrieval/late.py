@@ -35,7 +35,7 @@ from retrieval_lab.models.representation import MultiVector
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KEY = "retriever.index_settings"
-QUERY_BATCH = 64          # queries searched together
+QUERY_BATCH = 16          # queries searched together (exact: 16 x 1024 documents x 33 x 181 floats, 0.4 GB)
 TOKEN_CHUNK = 1 << 16     # token vectors added, assigned or compressed together
 QUIET_BELOW = 1 << 20     # no progress bar for corpora of fewer token vectors
 
