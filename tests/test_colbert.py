@@ -172,7 +172,7 @@ def test_settings_are_checked(tiny_model):
         ColBERT(str(tiny_model), doc_max_length=128)
     from retrieval_lab import config
 
-    with pytest.raises(ConfigError, match="eval.index must be 'exact', 'ann' or 'plaid' for a ColBERT model"):
+    with pytest.raises(ConfigError, match="eval.index must be 'exact', 'ann' or 'plaid' for ColBERT models"):
         config.check_train_config(compose_train(["model=colbert", "eval.index=flat"]))
     with pytest.raises(ConfigError, match="eval.index_settings.nbits must be 1 or 2, got '3'"):  # before training
         config.check_train_config(compose_train(["model=colbert", "eval.index=plaid", "+eval.index_settings.nbits=3"]))

@@ -44,5 +44,12 @@ def test_torch_index_returns_what_faiss_flat_returns(encoder, beir_folder):
 
 
 def test_unknown_index_is_refused():
-    with pytest.raises(ConfigError, match="retriever.index"):
-        build_index(np.zeros((2, 4), dtype=np.float32), "ivf-magic")
+    """The family names its index kinds: an unknown one is refused before anything is encoded."""
+    from retrieval_lab.models.encoder import Encoder
+
+    with pytest.raises(ConfigError, match="retriever.index must be 'flat', 'hnsw' or 'torch' for Encoder models, "
+                                          "got 'ivf-magic'"):
+        Encoder.check_index("ivf-magic")
+    with pytest.raises(ConfigError, match="retriever.index_settings.nbits is not a setting of the 'flat' index of "
+                                          "Encoder models"):
+        Encoder.check_index("flat", {"nbits": 2})

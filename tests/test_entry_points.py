@@ -71,7 +71,7 @@ def test_the_dev_split_follows_split_seed_not_seed(tiny_model, beir_folder):
     (["retriever=bm25", "k=5"], "error: k=5 retrieves fewer documents than ndcg@10 looks at"),
     (["retriever=bm25", "k=0"], "error: k=0 must be at least 1."),
     (["retriever=bm25", "k=abc"], "error: k=abc must be a whole number."),
-    (["retriever.index=foo"], "error: retriever.index must be 'flat', 'hnsw' or 'torch', got 'foo'."),
+    (["retriever.index=foo"], "error: retriever.index must be 'flat', 'hnsw' or 'torch' for Encoder models, got 'foo'."),
     (["retriever=bm25", "+retriever.k_1=0.9"], "error: retriever.k_1 is not a setting of BM25Retriever (did you "
                                                 "mean retriever.k1? its settings: b, k1, stemmer, stopwords)."),
 ])

@@ -45,12 +45,12 @@ class ModelFamily(nn.Module):
         index = cls.indexes[0] if index is None else index
         if index not in cls.indexes:
             names = ", ".join(f"'{name}'" for name in cls.indexes[:-1]) + f" or '{cls.indexes[-1]}'"
-            raise ConfigError(f"{key} must be {names} for a {cls.__name__} model, got '{index}'.")
+            raise ConfigError(f"{key} must be {names} for {cls.__name__} models, got '{index}'.")
         unknown = sorted(set(settings or {}) - set(cls.index_settings.get(index, ())))
         if unknown:
             takes = ", ".join(cls.index_settings.get(index, ())) or "no settings"
-            raise ConfigError(f"{key}_settings.{unknown[0]} is not a setting of the '{index}' index of a "
-                              f"{cls.__name__} model (it takes {takes}).")
+            raise ConfigError(f"{key}_settings.{unknown[0]} is not a setting of the '{index}' index of "
+                              f"{cls.__name__} models (it takes {takes}).")
         return index
 
     def encode_queries(self, inputs):

@@ -77,13 +77,13 @@ class DenseRetriever:
                  compile: bool | str = False, group=None, tokenize_processes: int | str = "auto",
                  index_settings: dict | None = None):
         self.encoder, self.batch_size, self.progress = encoder, batch_size, progress
-        self.index_settings = dict(index_settings or {})
-        self.index = encoder.check_index(index, self.index_settings)  # now, not after the corpus is encoded
         self.token_budget, self.dtype, self.shard, self.compile = token_budget, dtype, shard, compile
         self.group, self.tokenize_processes = group, tokenize_processes
         device = pick_device(device)
         cuda = device is not None and torch.device(device).type == "cuda"
         processes, threads = worker_plan(tokenize_processes, cuda)
+        self.index_settings = dict(index_settings or {})
+        self.index = encoder.check_index(index, self.index_settings)  # now, not after the corpus is encoded
         if processes:  # started now, so that they import while CUDA starts and the corpus loads
             PROCESSES.start(processes, threads)
         if device is not None:
