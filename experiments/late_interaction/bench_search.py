@@ -106,7 +106,9 @@ def main() -> None:
                 row.update(vs_exact=latency / exact[1], top10=overlap(ids[:, :10], exact[0][:, :10]),
                            top100=overlap(ids, exact[0]))
             rows.append(row)
-            print(f"{scale}x {mode}: build {built:.1f} s, {per_doc:.0f} bytes/doc, {latency:.1f} ms/query", flush=True)
+            versus = f", top-10 overlap {row['top10']:.3f}" if "top10" in row else ""
+            print(f"{scale}x {mode}: build {built:.1f} s, {per_doc:.0f} bytes/doc, {latency:.1f} ms/query{versus}",
+                  flush=True)
             del index
             gc.collect()
         del docs, queries
