@@ -383,4 +383,4 @@ def build(docs: MultiVector, index: str, device=None, **settings):
         return ANNIndex(docs, device, **settings)
     if index == "plaid":
         return PLAIDIndex(docs, device, **settings)
-    raise ConfigError(f"retriever.index '{index}' is not built yet.")
+    raise ConfigError(f"retriever.index must be 'exact', 'ann' or 'plaid', got '{index}'.")
