@@ -45,13 +45,19 @@ COLBERT_DEFAULTS = {"query_marker": "[unused0]", "doc_marker": "[unused1]", "aug
                     "attend_to_expansion": False, "skip_punctuation": True}
 
 
+def sum_of_best(each: torch.Tensor, q_mask: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
+    """From inner products ``each`` (..., Lq, Ld): each real query vector's best over the real document vectors
+    (``d_mask``, broadcast to ``each``), summed over the real query vectors (``q_mask``, broadcast to (..., Lq))."""
+    best = each.masked_fill(~d_mask.to(each.device), float("-inf")).amax(-1)
+    return torch.where(q_mask.to(each.device), best, 0.0).sum(-1)
+
+
 def maxsim(q: MultiVector, d: MultiVector) -> torch.Tensor:
     """A x B float32: sum_i max_j q_ai . d_bj over the real vectors of every text of ``q`` against every text of
     ``d`` (a text of ``d`` with no real vector scores -inf)."""
     with torch.autocast(q.device.type, enabled=False):
         each = torch.einsum("aid,bjd->abij", q.vectors.float(), d.vectors.float())
-        each = each.masked_fill(~d.mask[None, :, None, :].to(each.device), float("-inf")).amax(-1)
-        return torch.where(q.mask[:, None, :].to(each.device), each, 0.0).sum(-1)
+        return sum_of_best(each, q.mask[:, None, :], d.mask[None, :, None, :])
 
 
 def maxsim_groups(q: MultiVector, d: MultiVector, group_size: int) -> torch.Tensor:
@@ -59,9 +65,7 @@ def maxsim_groups(q: MultiVector, d: MultiVector, group_size: int) -> torch.Tens
     with torch.autocast(q.device.type, enabled=False):
         docs = d.vectors.float().view(len(q), group_size, *d.vectors.shape[1:])
         each = torch.einsum("bid,bgjd->bgij", q.vectors.float(), docs)
-        mask = d.mask.view(len(q), group_size, 1, -1).to(each.device)
-        each = each.masked_fill(~mask, float("-inf")).amax(-1)
-        return torch.where(q.mask[:, None, :].to(each.device), each, 0.0).sum(-1)
+        return sum_of_best(each, q.mask[:, None, :], d.mask.view(len(q), group_size, 1, -1))
 
 
 class ColBERT(Encoder):
